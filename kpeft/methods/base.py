@@ -1,0 +1,142 @@
+"""Components and the weight site.
+
+A PEFT method is a set of *components*, each attached at one kind of site (DESIGN.md):
+
+* **weight** — a branch parallel to a projection, ``y = base(x) + Δ(x)``, whose effect is a fixed
+  weight delta ``ΔW`` (row convention, ``(d_in, d_out)``) and bias delta: mergeable.
+* **attention**, **block** — modules inside the attention computation or around a sub-layer
+  (later method families).
+* **parameters** — which existing backbone tensors train (full fine-tuning, BitFit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kpeft.backbones.anatomy import Projection
+
+
+class Component(nn.Module):
+    """Base class of every component; ``site`` says where it attaches."""
+
+    site: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+
+    def stored_numel(self) -> int:
+        """Numbers kept after training (differs from the trained count only for re-parameterised
+        methods such as prefix-tuning)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+class WeightComponent(Component):
+    """A branch parallel to one projection (or one column block of a fused projection)."""
+
+    site = "weight"
+    mergeable = True
+
+    def __init__(self, projection: Projection):
+        super().__init__()
+        # Plain attribute (not a submodule): the handle points back into the backbone.
+        object.__setattr__(self, "projection", projection)
+        self.d_in, self.d_out = projection.d_in, projection.d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The branch output, shape ``(..., d_out)``, added to the projection's output."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """``ΔW`` in row convention ``(d_in, d_out)`` with all scalings applied."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The bias delta ``(d_out,)`` with scalings applied, or None."""
+        return None
+
+
+class AdaptedProjection(nn.Module):
+    """A frozen projection plus weight-site branches: ``y = base(x) + Σ_c c(x)`` on each branch's
+    column block. After :meth:`merge` the branches are folded into ``base`` and skipped, so
+    inference runs the backbone's own graph."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.branches = nn.ModuleList()
+        self.merged = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # weight, bias, nf, in_features ... of the wrapped module
+            return getattr(super().__getattr__("base"), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        for branch in self.branches:
+            p = branch.projection
+            if p.out_slice is None:
+                y = y + branch(x)
+            else:  # a column block of a fused projection (GPT-2 c_attn)
+                y = torch.cat([y[..., : p.start], y[..., p.start : p.stop] + branch(x), y[..., p.stop :]], dim=-1)
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            for branch in self.branches:
+                branch.projection.add_to_weight(branch.delta_weight(), branch.delta_bias())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            for branch in self.branches:
+                bias = branch.delta_bias()
+                branch.projection.add_to_weight(-branch.delta_weight(), None if bias is None else -bias)
+            self.merged = False
+
+
+def attach_weight_component(component: WeightComponent) -> None:
+    """Install `component` on its projection, wrapping the projection once."""
+    proj = component.projection
+    current = getattr(proj.parent, proj.attr)
+    if not isinstance(current, AdaptedProjection):
+        current = AdaptedProjection(current)
+        setattr(proj.parent, proj.attr, current)
+    current.branches.append(component)
+
+
+def init_input_factor(t: torch.Tensor, scheme: str, fan_in: int) -> None:
+    """Initialise an input-side factor: Kaiming-uniform(a=√5) with the given fan-in (bound
+    ``1/√fan_in``), or the official code's ``houlsby`` truncated normal."""
+    if scheme == "houlsby":
+        trunc_normal_001_(t)
+    elif scheme in ("kaiming_zero", "zero_zero"):
+        if scheme == "zero_zero":
+            nn.init.zeros_(t)
+        else:
+            bound = 1.0 / math.sqrt(fan_in)  # = kaiming_uniform_(a=√5) for fan_in inputs
+            nn.init.uniform_(t, -bound, bound)
+    else:
+        raise ValueError(f"unknown init {scheme!r}; valid: kaiming_zero, houlsby, zero_zero")
+
+
+def init_output_factor(t: torch.Tensor, scheme: str) -> None:
+    """Output-side factor: zero (ΔW = 0 at step 0) or ``houlsby``."""
+    if scheme == "houlsby":
+        trunc_normal_001_(t)
+    else:
+        nn.init.zeros_(t)
+
+
+def trunc_normal_001_(t: torch.Tensor) -> torch.Tensor:
+    """The official code's "Houlsby" init (SPEC §0): ``fmod(N(0,1), 2) · 0.01`` (wrapped, not
+    resampled)."""
+    with torch.no_grad():
+        return t.copy_(torch.fmod(torch.randn_like(t), 2.0) * 0.01)

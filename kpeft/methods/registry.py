@@ -1,0 +1,107 @@
+"""The component registry and method application.
+
+``apply_method(model, method_cfg)`` freezes the backbone, builds every component the method
+declares (``method.components.<name>.kind`` picks a builder registered here), installs them at
+their sites, and returns an :class:`AdaptedModel` that counts, merges and saves them.
+
+Adding a component kind = a schema in ``kpeft/config.py`` + a builder here (one decorator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from kpeft.backbones import Anatomy
+from kpeft.errors import KpeftError
+from kpeft.methods.adapted import AdaptedModel
+from kpeft.methods.base import Component, attach_weight_component
+from kpeft.methods.lowrank import LoRA
+from kpeft.methods.parameters import BitFit, FullFinetune
+
+
+@dataclass
+class BuildContext:
+    """What a builder may look at besides its own config."""
+
+    anatomy: Anatomy
+    method_name: str
+    fidelity: str = "paper"
+
+
+Builder = Callable[[DictConfig, BuildContext], list[Component]]
+BUILDERS: dict[str, Builder] = {}
+
+
+def register(kind: str) -> Callable[[Builder], Builder]:
+    """Register the builder of component kind `kind`."""
+
+    def deco(fn: Builder) -> Builder:
+        BUILDERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def _bias_flag(value: str, has_bias: bool) -> bool:
+    value = str(value).lower()
+    if value == "auto":
+        return has_bias
+    if value in ("true", "false"):
+        return value == "true"
+    raise KpeftError(f"train_bias must be auto, true or false, not {value!r}")
+
+
+@register("lora")
+def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
+    comps: list[Component] = []
+    for _, att in ctx.anatomy.attentions(cfg.attention):
+        for target in cfg.targets:
+            proj = att.projection(target)
+            comp = LoRA(
+                proj, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                train_bias=_bias_flag(cfg.train_bias, proj.has_bias), init=cfg.init, fidelity=ctx.fidelity,
+            )
+            attach_weight_component(comp)
+            comps.append(comp)
+    return comps
+
+
+@register("bitfit")
+def build_bitfit(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
+    return [BitFit(include_ln_bias=cfg.include_ln_bias)]
+
+
+@register("finetune")
+def build_finetune(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
+    return [FullFinetune()]
+
+
+def apply_method(model, anatomy: Anatomy, method: DictConfig, fidelity: str = "paper") -> AdaptedModel:
+    """Freeze `model`, install `method`'s components, and return the adapted model."""
+    total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in anatomy.task_head_params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ctx = BuildContext(anatomy=anatomy, method_name=method.name, fidelity=fidelity)
+    components: dict[str, list[Component]] = {}
+    for name, ccfg in method.components.items():
+        builder = BUILDERS.get(ccfg.kind)
+        if builder is None:
+            raise KpeftError(
+                f"method '{method.name}': unknown component kind {ccfg.kind!r} in components.{name}; "
+                f"known kinds: {', '.join(sorted(BUILDERS))}"
+            )
+        try:
+            components[name] = builder(ccfg, ctx)
+        except (ValueError, NotImplementedError) as err:
+            raise KpeftError(f"method '{method.name}' does not fit backbone '{anatomy.family}': {err}") from None
+    adapted = AdaptedModel(model, anatomy, components, backbone_total=total)
+    adapted.set_trainable(train_task_head=method.train_task_head)
+    if adapted.count().trainable == 0 and method.components:
+        raise KpeftError(
+            f"method '{method.name}' found nothing to train on backbone '{anatomy.family}' "
+            "(e.g. BitFit on a model without biases)"
+        )
+    return adapted
