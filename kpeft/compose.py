@@ -3,6 +3,7 @@ composition problems into one-line errors that list the valid choices."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from hydra import compose as hydra_compose
@@ -63,16 +64,16 @@ def check_method_fits_budget(cfg: DictConfig) -> None:
     """Resolve the method's sizes; a budget that does not size the method is an error."""
     try:
         OmegaConf.to_container(cfg.method, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        key = getattr(err, "full_key", "") or ""
-        # The missing value is inside the budget when the method interpolates ${budget.X.y}.
-        section = next((p for p in str(err).split() if p.startswith("budget.")), key)
-        section = section.split(".")[1] if section.startswith("budget.") else None
-        if section:
+    except OmegaConfBaseException as err:
+        # The method interpolates ${budget.<section>.<size>}; a missing one means the budget
+        # does not size this method.
+        found = re.search(r"Missing mandatory value: budget\.(\w+)", str(err))
+        if found:
+            section = found.group(1)
             raise KpeftError(
                 f"method '{cfg.method.name}' cannot meet budget '{cfg.budget.name}': it gives no "
                 f"{section} size; budgets that do: {', '.join(budgets_sizing(section)) or 'none'}"
             ) from None
-        raise KpeftError(f"method '{cfg.method.name}': missing value {key}; set it on the command line") from None
-    except OmegaConfBaseException as err:
+        if isinstance(err, MissingMandatoryValue):
+            raise KpeftError(f"missing value {err.full_key}; set it on the command line") from None
         raise KpeftError(_one_line(err)) from None

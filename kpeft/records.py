@@ -1,0 +1,137 @@
+"""Run records: one self-describing JSON per run, written atomically, never silently overwritten.
+
+``results/runs/<experiment>/<task>/<model>/<method>-<budget>/seed<S>/record.json`` holds the
+resolved config, metrics, parameter counts (trained and stored), timings, seed, git commit and
+dirty flag, package versions and hardware. Tables are built from these files only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kpeft.paths import REPO_ROOT
+
+RECORD_NAME = "record.json"
+SCHEMA_VERSION = 1
+PACKAGES = ("kpeft", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "peft", "safetensors")
+
+
+class RecordExists(Exception):
+    """A finished record is already at the target path."""
+
+
+def record_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / RECORD_NAME
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """The record at `path` (a file or a run directory), or None if absent or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = record_path(path)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    rec = read_record(run_dir)
+    return rec is not None and rec.get("status") == "complete"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write via a temporary file in the same directory + ``os.replace``: readers see the old file
+    or the whole new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(run_dir: str | Path, record: dict[str, Any], force: bool = False) -> Path:
+    """Write `record` atomically. An existing record is never overwritten: without `force` this
+    raises :class:`RecordExists`; with `force` the old one is kept as ``record.<time>.json``."""
+    path = record_path(run_dir)
+    if path.exists():
+        if not force:
+            raise RecordExists(f"{path} exists; pass force=true to re-run (the old record is kept aside)")
+        stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        path.rename(path.with_name(f"record.{stamp}.json"))
+    write_json_atomic(path, record)
+    return path
+
+
+def iter_records(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every readable ``record.json`` below `root` (kept-aside older records are skipped)."""
+    for path in sorted(Path(root).rglob(RECORD_NAME)):
+        rec = read_record(path)
+        if rec is not None:
+            yield path, rec
+
+
+# ------------------------------------------------------------------ provenance
+def git_state(cwd: Path = REPO_ROOT) -> dict[str, Any]:
+    """Commit hash and dirty flag of the checkout kpeft runs from (None outside git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def provenance() -> dict[str, Any]:
+    return {
+        "git": git_state(),
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,136 @@
+"""What a task provides to the training loop: encoded splits, batching, loss and metrics.
+
+A task is built from ``cfg.task`` (and the tokenizer, when it needs one). Its ``kind`` decides the
+model head (``classification`` → a sequence classifier, ``causal_lm`` → an LM head,
+``seq2seq`` → an encoder-decoder) and the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+Example = dict[str, Any]
+IGNORE = -100
+
+
+class Task:
+    """Base class: subclasses implement :meth:`load_splits` (and may override metrics)."""
+
+    needs_tokenizer: bool = True
+
+    def __init__(self, cfg: DictConfig, tokenizer=None, pad_token_id: int = 0):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id if tokenizer is None else tokenizer.pad_token_id
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.kind
+
+    @property
+    def head(self) -> str:
+        return {"classification": "classification", "causal_lm": "causal_lm", "seq2seq": "seq2seq"}[self.kind]
+
+    def load_splits(self) -> dict[str, list[Example]]:  # pragma: no cover - abstract
+        """``{"train": [...], "validation": [...], "test": [...]}`` of encoded examples."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ batching
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Right-pad to the longest example of the batch."""
+        batch: dict[str, torch.Tensor] = {}
+        width = max(len(e["input_ids"]) for e in examples)
+        batch["input_ids"] = _pad([e["input_ids"] for e in examples], width, self.pad_token_id)
+        batch["attention_mask"] = _pad([[1] * len(e["input_ids"]) for e in examples], width, 0)
+        if self.kind == "classification":
+            dtype = torch.float if self.cfg.num_labels == 1 else torch.long
+            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=dtype)
+        else:
+            lw = max(len(e["labels"]) for e in examples)
+            batch["labels"] = _pad([e["labels"] for e in examples], lw, IGNORE)
+        return batch
+
+    # ------------------------------------------------------------ loss
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many scored units (examples, or target tokens) the batch's loss sums over."""
+        labels = batch["labels"]
+        if self.kind == "classification":
+            return labels.shape[0]
+        if self.kind == "causal_lm":
+            labels = labels[:, 1:]
+        return int((labels != IGNORE).sum())
+
+    def loss(self, model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        """Summed loss over the batch's scored units and their number (examples or target tokens).
+
+        Returning the *sum* lets the loop divide by the global count of an optimizer step, so that
+        gradient accumulation and data-parallel runs equal one big batch (SPEC §10.3: loss averaged
+        over the non-ignored target tokens of the batch).
+        """
+        logits, labels = self.logits_and_labels(model, batch)
+        if self.kind == "classification" and self.cfg.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels, reduction="sum"), labels.numel()
+        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        flat_labels = labels.reshape(-1)
+        loss = F.cross_entropy(
+            flat_logits, flat_labels, ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing
+        )
+        return loss, int((flat_labels != IGNORE).sum())
+
+    def logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits aligned with their labels (causal LMs: shifted so logit t predicts token t+1)."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.kind == "seq2seq":
+            labels = batch["labels"]
+            out = model(**inputs, decoder_input_ids=shift_right(labels, _config(model)))
+            return out.logits, labels
+        out = model(**inputs)
+        if self.kind == "causal_lm":
+            return out.logits[:, :-1], batch["labels"][:, 1:]
+        return out.logits, batch["labels"]
+
+    # ------------------------------------------------------------ metrics
+    @torch.no_grad()
+    def batch_metrics(self, model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Summable statistics of one batch; :meth:`finalize` turns their totals into metrics."""
+        logits, labels = self.logits_and_labels(model, batch)
+        if self.kind == "classification" and self.cfg.num_labels == 1:
+            err = (logits.squeeze(-1).float() - labels) ** 2
+            return {"sq_err": float(err.sum()), "n": labels.numel()}
+        pred = logits.argmax(-1)
+        mask = labels != IGNORE
+        return {"correct": float(((pred == labels) & mask).sum()), "n": float(mask.sum())}
+
+    def finalize(self, totals: dict[str, float]) -> dict[str, float]:
+        if "sq_err" in totals:
+            return {"mse": totals["sq_err"] / max(totals["n"], 1)}
+        return {"accuracy": 100.0 * totals["correct"] / max(totals["n"], 1)}
+
+
+def _config(model):
+    return getattr(model, "module", model).config  # through a DDP wrapper
+
+
+def shift_right(labels: torch.Tensor, config) -> torch.Tensor:
+    """Decoder inputs for an encoder-decoder: ``[start] + labels[:-1]``, ignored positions → pad."""
+    start = config.decoder_start_token_id
+    start = config.pad_token_id if start is None else start
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE, config.pad_token_id)
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out

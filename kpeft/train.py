@@ -1,0 +1,123 @@
+"""``python -m kpeft.train model=M method=X budget=B task=T seed=S [overrides]``: one run.
+
+compose → build (backbone, task, method) → fit → evaluate the best checkpoint → write the record.
+``-m`` sweeps (``method=lora,bitfit seed=1,2,3``); ``resume=true`` continues a killed run;
+a run whose record exists is skipped unless ``force=true``. Multi-process:
+``accelerate launch --num_processes 2 -m kpeft.train ...`` or ``torchrun --nproc_per_node 2 -m kpeft.train ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+
+from kpeft.backbones import describe
+from kpeft.backbones.loading import load_model, load_tokenizer
+from kpeft.compose import check_choices, check_method_fits_budget
+from kpeft.config import CONF_DIR, register_configs
+from kpeft.errors import KpeftError, user_errors
+from kpeft.methods import AdaptedModel, apply_method
+from kpeft.records import is_complete, provenance, read_record, write_record
+from kpeft.tasks import Task, task_class
+from kpeft.training.loop import Trainer, make_accelerator
+
+log = logging.getLogger("kpeft.train")
+
+
+def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
+    """The adapted backbone, the task, and its encoded splits."""
+    cls = task_class(cfg.task)
+    tokenizer = load_tokenizer(cfg.model) if cls.needs_tokenizer else None
+    task = cls(cfg.task, tokenizer)
+    model = load_model(cfg.model, task.head, num_labels=cfg.task.num_labels, seed=cfg.seed)
+    if tokenizer is None:
+        task.pad_token_id = model.config.pad_token_id or 0
+    elif getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
+    splits = task.load_splits()
+    return adapted, task, splits
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, float) and math.isfinite(x) else None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configuration end to end and return its record (or the existing one)."""
+    run_dir = Path(cfg.run_dir)
+    if is_complete(run_dir) and not cfg.force:
+        log.info("skip: %s has a finished record (force=true re-runs it)", run_dir)
+        return read_record(run_dir)
+    check_method_fits_budget(cfg)
+    t0 = time.perf_counter()
+    set_seed(cfg.seed, deterministic=cfg.train.deterministic)
+    accelerator = make_accelerator(cfg.train)
+    adapted, task, splits = build(cfg)
+    adapted.model.to(accelerator.device)
+    counts = adapted.count()
+    log.info(
+        "%s on %s/%s: %s trainable (%.2f%%), %s stored", cfg.method.name, cfg.model.name, cfg.task.name,
+        f"{counts.trainable:,}", counts.trainable_pct, f"{counts.stored:,}",
+    )
+    trainer = Trainer(cfg, adapted, task, splits, run_dir, accelerator)
+    metrics: dict[str, Any] = {}
+    if cfg.train.eval_before_training:
+        metrics["untrained"] = trainer.evaluate(cfg.split)
+    state = trainer.fit()
+    trainer.load_best()
+    metrics[cfg.split] = trainer.evaluate(cfg.split)
+    metrics["validation_loss"] = _finite(state.best_val_loss)
+    record = {
+        "status": "complete",
+        "schema": 1,
+        "run_dir": str(run_dir),
+        "experiment": cfg.experiment,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "budget": cfg.budget.name,
+        "seed": cfg.seed,
+        "metric": cfg.task.metric,
+        "score": metrics[cfg.split].get(cfg.task.metric),
+        "metrics": metrics,
+        "params": counts.as_dict(),
+        "training": trainer.summary(state),
+        "timing": {"train_seconds": round(state.train_seconds, 3), "wall_seconds": round(time.perf_counter() - t0, 3)},
+        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False),
+        **provenance(),
+    }
+    if accelerator.is_main_process:
+        path = write_record(run_dir, record, force=cfg.force)
+        log.info("%s = %.2f  →  %s", cfg.task.metric, record["score"], path)
+    accelerator.wait_for_everyone()
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        record = run(cfg)
+    except KpeftError as err:
+        print(f"kpeft: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return record.get("score")
+
+
+@user_errors
+def main() -> None:
+    register_configs()
+    check_choices(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

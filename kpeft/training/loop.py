@@ -1,0 +1,245 @@
+"""The training loop: one loop on `accelerate` for CPU, one GPU, or several (DDP).
+
+Per optimizer step it consumes one global batch (``train.batch_size`` examples split over
+processes and ``train.grad_accum`` micro-batches), normalises the summed loss by the global
+number of scored units (examples or target tokens), clips, steps AdamW and the linear
+warm-up/decay schedule. Each epoch ends with the validation loss (model selection, early
+stopping); checkpoints every ``train.checkpoint_every_steps`` steps and at epoch ends make a
+killed run resumable with identical results.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from kpeft.errors import KpeftError
+from kpeft.methods import AdaptedModel
+from kpeft.tasks import Task
+from kpeft.training import checkpoint as ckpt
+from kpeft.training.data import epoch_order, eval_batches, step_batches, steps_per_epoch
+from kpeft.training.optim import build_optimizer, linear_schedule, warmup_steps
+from kpeft.training.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by ``train.crash_after_steps`` (tests of resumption)."""
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # current epoch (0-based)
+    step_in_epoch: int = 0  # optimizer steps already done in this epoch
+    global_step: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_accelerator(tcfg: DictConfig) -> Accelerator:
+    """An Accelerator with autocast on GPUs: bf16 where supported, else fp16; none on CPU."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mp = tcfg.mixed_precision
+    if mp == "auto":
+        if torch.cuda.is_available():
+            mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mp = "no"
+    if mp != "no" and not torch.cuda.is_available():
+        raise KpeftError(f"train.mixed_precision={mp} needs a GPU; use train.mixed_precision=no on CPU")
+    return Accelerator(
+        mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+    )
+
+
+class Trainer:
+    """Fits an adapted model on a task; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        adapted: AdaptedModel,
+        task: Task,
+        splits: dict[str, list],
+        run_dir: Path,
+        accelerator: Accelerator,
+    ):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.adapted, self.task, self.splits = adapted, task, splits
+        self.run_dir = Path(run_dir)
+        self.acc = accelerator
+        self.world = accelerator.num_processes
+        if self.tcfg.batch_size % (self.world * self.tcfg.grad_accum):
+            raise KpeftError(
+                f"train.batch_size={self.tcfg.batch_size} (global) must be divisible by processes × "
+                f"train.grad_accum = {self.world} × {self.tcfg.grad_accum}"
+            )
+        n_train = len(splits["train"])
+        if n_train == 0:
+            raise KpeftError(f"task '{task.name}' has no training examples; check task.data_dir")
+        self.steps_per_epoch = steps_per_epoch(n_train, self.tcfg.batch_size)
+        self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        optimizer = build_optimizer(adapted.trainable_parameters(), self.tcfg)
+        self.scheduler = linear_schedule(optimizer, warmup_steps(self.tcfg, self.total_steps), self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(adapted.model, optimizer)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_loss(self, split: str = "validation") -> float:
+        """Mean NLL (no label smoothing) over the split's scored units."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        for batch in eval_batches(self.splits[split], self.tcfg.eval_batch_size, self.acc.process_index,
+                                  self.world, self.task.collate):
+            loss, count = self.task.loss(self.model, self._to_device(batch))
+            total += torch.tensor([float(loss), count], dtype=torch.float64, device=self.acc.device)
+        total = self.acc.reduce(total, "sum")
+        return float(total[0] / total[1]) if total[1] > 0 else math.nan
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test") -> dict[str, float]:
+        """The task's metrics (and NLL) on a split, summed over all processes."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        for batch in eval_batches(self.splits[split], self.tcfg.eval_batch_size, self.acc.process_index,
+                                  self.world, self.task.collate):
+            for k, v in self.task.batch_metrics(self.model, self._to_device(batch)).items():
+                totals[k] = totals.get(k, 0.0) + v
+        keys = sorted(totals)
+        vec = self.acc.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.acc.device), "sum")
+        metrics = self.task.finalize(dict(zip(keys, vec.tolist())))
+        metrics["loss"] = self.evaluate_loss(split)
+        return metrics
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    # ------------------------------------------------------------ training
+    def fit(self) -> LoopState:
+        state = LoopState()
+        last_dir = self.ckpt_dir / "last"
+        resumable = ckpt.find_resumable(last_dir) if self.cfg.resume else None
+        if resumable is not None:
+            loop = ckpt.load_training_state(resumable, self.adapted, self.optimizer, self.scheduler, self.cfg, self.acc)
+            state = LoopState(**loop)
+            log.info("resumed from %s at step %d (epoch %d)", resumable, state.global_step, state.epoch)
+        elif self.cfg.resume:
+            log.info("resume=true but no checkpoint in %s: starting from scratch", last_dir)
+        logger = MetricsLogger(self.run_dir, self.cfg, self.acc.is_main_process,
+                               resume_step=state.global_step if resumable else None)
+        bar = tqdm(total=self.total_steps, initial=state.global_step, desc="train", unit="step",
+                   disable=not (self.tcfg.progress and self.acc.is_main_process), dynamic_ncols=True)
+        try:
+            self._fit_epochs(state, logger, bar, last_dir)
+        finally:
+            bar.close()
+            logger.close()
+        return state
+
+    def _fit_epochs(self, state: LoopState, logger: MetricsLogger, bar, last_dir: Path) -> None:
+        examples = self.splits["train"]
+        has_val = len(self.splits.get("validation", [])) > 0
+        while state.epoch < self.epochs and not state.stopped_early:
+            order = epoch_order(len(examples), self.cfg.seed, state.epoch)
+            self.model.train()
+            start = time.perf_counter()
+            while state.step_in_epoch < self.steps_per_epoch and state.global_step < self.total_steps:
+                loss = self._optimizer_step(examples, order, state.step_in_epoch)
+                state.step_in_epoch += 1
+                state.global_step += 1
+                lr = self.scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                logger.log(state.global_step, state.epoch + state.step_in_epoch / self.steps_per_epoch,
+                           {"train/loss": loss, "train/lr": lr})
+                if state.global_step == self.tcfg.crash_after_steps:
+                    raise SimulatedCrash(f"simulated crash after step {state.global_step}")
+                if self.tcfg.checkpoint_every_steps and state.global_step % self.tcfg.checkpoint_every_steps == 0 \
+                        and state.step_in_epoch < self.steps_per_epoch:
+                    state.train_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    ckpt.save_training_state(last_dir, self.adapted, self.optimizer, self.scheduler,
+                                             asdict(state), self.cfg, self.acc)
+            state.train_seconds += time.perf_counter() - start
+            self._end_epoch(state, logger, has_val)
+            ckpt.save_training_state(last_dir, self.adapted, self.optimizer, self.scheduler, asdict(state), self.cfg, self.acc)
+
+    def _optimizer_step(self, examples: list, order: list[int], step: int) -> float:
+        micro = step_batches(examples, order, step, self.tcfg.batch_size, self.tcfg.grad_accum,
+                             self.acc.process_index, self.world, self.task.collate)
+        micro = [self._to_device(b) for b in micro]
+        local = sum(self.task.units(b) for b in micro)
+        units = float(self.acc.reduce(torch.tensor(float(local), device=self.acc.device), "sum"))
+        total_loss = torch.zeros((), device=self.acc.device)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = torch.enable_grad() if sync else self.acc.no_sync(self.model)
+            with ctx:
+                loss_sum, _ = self.task.loss(self.model, batch, self.tcfg.label_smoothing)
+                # DDP averages gradients over processes, hence the × world.
+                self.acc.backward(loss_sum * (self.world / max(units, 1.0)))
+            total_loss += loss_sum.detach()
+        if self.tcfg.max_grad_norm and self.tcfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.acc.reduce(total_loss, "sum")) / max(units, 1.0)
+
+    def _end_epoch(self, state: LoopState, logger: MetricsLogger, has_val: bool) -> None:
+        entry: dict[str, float] = {"epoch": state.epoch, "step": state.global_step}
+        if has_val and self.tcfg.eval_every_epoch:
+            val = self.evaluate_loss("validation")
+            entry["val_loss"] = val
+            logger.log(state.global_step, state.epoch + 1, {"val/loss": val})
+            log.info("epoch %d: validation loss %.4f", state.epoch + 1, val)
+            if val < state.best_val_loss:
+                state.best_val_loss, state.best_epoch, state.bad_epochs = val, state.epoch, 0
+                self._save_best()
+            else:
+                state.bad_epochs += 1
+                patience = self.tcfg.early_stopping_patience
+                if patience and state.bad_epochs >= patience:
+                    state.stopped_early = True
+                    log.info("early stopping: no better validation loss for %d epochs", patience)
+        else:  # no validation split: the last epoch is the best
+            state.best_epoch = state.epoch
+            self._save_best()
+        state.history.append(entry)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        self.model.train()
+
+    def _save_best(self) -> None:
+        if self.acc.is_main_process:
+            ckpt.save_adapter(self.ckpt_dir / "best", self.adapted, self.cfg)
+        self.acc.wait_for_everyone()
+
+    def load_best(self) -> None:
+        best = self.ckpt_dir / "best"
+        if (best / ckpt.ADAPTER_FILE).exists():
+            ckpt.load_adapter(best, self.adapted)
+
+    def summary(self, state: LoopState) -> dict[str, Any]:
+        return {
+            "steps": state.global_step, "epochs": state.epoch, "best_epoch": state.best_epoch,
+            "best_val_loss": state.best_val_loss, "stopped_early": state.stopped_early,
+            "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
+        }
