@@ -63,6 +63,7 @@ def make_accelerator(tcfg: DictConfig) -> Accelerator:
     if mp != "no" and not torch.cuda.is_available():
         raise KpeftError(f"train.mixed_precision={mp} needs a GPU; use train.mixed_precision=no on CPU")
     return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs would not form a gloo group
         mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
     )
 
