@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
-from kpeft.compose import check_choices, check_method_fits_budget
+from kpeft.compose import check_choices, check_method_fits_budget, compose
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
@@ -112,10 +112,20 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return record.get("score")
 
 
+def precheck(argv: list[str]) -> None:
+    """Compose a single run once before Hydra does, so that a typo or a wrong type is reported in
+    one line naming the key (Hydra's own report is longer). Sweeps are checked name by name."""
+    check_choices(argv)
+    if any(a in ("-m", "--multirun") for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith(("-", "hydra.", "hydra/"))]
+    compose(overrides)
+
+
 @user_errors
 def main() -> None:
     register_configs()
-    check_choices(sys.argv[1:])
+    precheck(sys.argv[1:])
     _hydra_main()
 
 

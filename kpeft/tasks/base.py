@@ -8,11 +8,14 @@ model head (``classification`` → a sequence classifier, ``causal_lm`` → an L
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+
+from kpeft.errors import KpeftError
 
 Example = dict[str, Any]
 IGNORE = -100
@@ -39,6 +42,21 @@ class Task:
     @property
     def head(self) -> str:
         return {"classification": "classification", "causal_lm": "causal_lm", "seq2seq": "seq2seq"}[self.kind]
+
+    def data_dir(self, required: Sequence[str] = (), how_to_get: str = "") -> Path:
+        """``task.data_dir`` checked to exist and to hold the `required` files, or a one-line
+        error saying how to get them (the hub, or the official files under task.data_dir)."""
+        hint = how_to_get or "download the official files"
+        if not self.cfg.data_dir:
+            raise KpeftError(
+                f"task '{self.name}' needs data: {hint} and pass task.data_dir=DIR, or load it from the hub"
+            )
+        root = Path(self.cfg.data_dir).expanduser()
+        missing = [f for f in required if not (root / f).exists()]
+        if not root.is_dir() or missing:
+            what = f"'{root}' does not exist" if not root.is_dir() else f"'{root}' lacks {', '.join(missing)}"
+            raise KpeftError(f"task '{self.name}': task.data_dir {what}; {hint}")
+        return root
 
     def load_splits(self) -> dict[str, list[Example]]:  # pragma: no cover - abstract
         """``{"train": [...], "validation": [...], "test": [...]}`` of encoded examples."""
