@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPT2Tokenizer,
+    T5Tokenizer,
 )
 
 from kpeft.backbones import FAMILY_OF_MODEL_TYPE, HEADS_OF_FAMILY
@@ -144,8 +145,8 @@ def load_model(
 
 
 def load_tokenizer(mcfg: DictConfig):
-    """The tokenizer: ``model.tokenizer`` if set (hub id, HF directory, or a folder with GPT-2's
-    ``encoder.json`` + ``vocab.bpe``), else the model's own source."""
+    """The tokenizer: ``model.tokenizer`` if set (hub id, HF directory, a folder with GPT-2's
+    ``encoder.json`` + ``vocab.bpe``, or one with T5's ``spiece.model``), else the model's own."""
     src = mcfg.tokenizer
     if src is None:
         if mcfg.init == "random" and not (mcfg.package or mcfg.name_or_path):
@@ -153,14 +154,16 @@ def load_tokenizer(mcfg: DictConfig):
         src = _gguf_as_plain_dir(mcfg) if mcfg.gguf_file else model_source(mcfg)
     path = Path(str(src))
     try:
-        if (path / "encoder.json").exists() and (path / "vocab.bpe").exists():
-            tok = GPT2Tokenizer(vocab_file=str(path / "encoder.json"), merges_file=str(path / "vocab.bpe"))
+        if (path / "encoder.json").exists() and (path / "vocab.bpe").exists():  # OpenAI's GPT-2 BPE files
+            tok = GPT2Tokenizer(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))
+        elif (path / "spiece.model").exists() and not (path / "tokenizer_config.json").exists():
+            tok = T5Tokenizer.from_pretrained(str(path))  # a bare T5 SentencePiece model
         else:
             tok = AutoTokenizer.from_pretrained(str(src))
     except OSError as err:
         raise KpeftError(
             f"could not load the tokenizer of '{mcfg.name}' from '{src}' ({str(err).splitlines()[0]}); "
-            "offline, point model.tokenizer at local files (GPT-2 BPE: ../shared/data/tokenizers)"
+            "offline, point model.tokenizer at local files (GPT-2 BPE: ../shared/data/tokenizers/gpt2)"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
