@@ -3,6 +3,7 @@ composition problems into one-line errors that list the valid choices."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -10,7 +11,12 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+)
 
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError
@@ -45,14 +51,47 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
     except MissingConfigException as err:
         raise KpeftError(str(err).splitlines()[0]) from None
     except (HydraException, OmegaConfBaseException) as err:
-        raise KpeftError(_one_line(err)) from None
+        raise KpeftError(_composition_error(err)) from None
+    check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
     return cfg
 
 
-def _one_line(err: Exception) -> str:
+def _one_line(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     return "; ".join(ln for ln in lines if not ln.startswith(("reference_type", "object_type")))
+
+
+def _schema_fields(schema: object) -> list[str] | None:
+    return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+
+
+def _composition_error(err: BaseException) -> str:
+    """Hydra's message plus the reason OmegaConf gave (``... could not be converted to Float``);
+    a key missing from a typed schema is named with the schema's fields, not with Hydra's advice
+    to add it with ``+`` (which would be silently ignored)."""
+    cause = err.__cause__
+    if not isinstance(cause, OmegaConfBaseException):
+        return _one_line(err)
+    schema = getattr(cause, "object_type", None)
+    valid = _schema_fields(schema)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and valid is not None:
+        key = getattr(cause, "full_key", None) or "?"
+        return f"unknown key '{key}'; {schema.__name__} has: {', '.join(valid)}"
+    return f"{_one_line(err)}: {_one_line(cause)}"
+
+
+def check_unknown_keys(node: DictConfig, path: str = "") -> None:
+    """Keys that ``+key=value`` added to a typed node (no schema field): a misspelling that would
+    otherwise be silently ignored."""
+    valid = _schema_fields(OmegaConf.get_type(node))
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if valid is not None and key not in valid:
+            raise KpeftError(f"unknown key '{full}'; {OmegaConf.get_type(node).__name__} has: {', '.join(valid)}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (child._is_missing() or child._is_none() or child._is_interpolation()):
+            check_unknown_keys(child, full)
 
 
 def budgets_sizing(section: str) -> list[str]:
@@ -70,9 +109,10 @@ def check_method_fits_budget(cfg: DictConfig) -> None:
         found = re.search(r"Missing mandatory value: budget\.(\w+)", str(err))
         if found:
             section = found.group(1)
+            others = [b for b in budgets_sizing(section) if b != cfg.budget.name]
             raise KpeftError(
                 f"method '{cfg.method.name}' cannot meet budget '{cfg.budget.name}': it gives no "
-                f"{section} size; budgets that do: {', '.join(budgets_sizing(section)) or 'none'}"
+                f"{section} size; budgets that do: {', '.join(others) or 'none'}"
             ) from None
         if isinstance(err, MissingMandatoryValue):
             raise KpeftError(f"missing value {err.full_key}; set it on the command line") from None

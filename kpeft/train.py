@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
-from kpeft.compose import check_choices, check_method_fits_budget, compose
+from kpeft.compose import check_choices, check_method_fits_budget, check_unknown_keys, compose
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if is_complete(run_dir) and not cfg.force:
         log.info("skip: %s has a finished record (force=true re-runs it)", run_dir)
         return read_record(run_dir)
+    check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
     t0 = time.perf_counter()
     set_seed(cfg.seed, deterministic=cfg.train.deterministic)

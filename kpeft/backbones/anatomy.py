@@ -63,16 +63,16 @@ class Projection:
     def add_to_weight(self, delta: torch.Tensor, delta_bias: torch.Tensor | None = None) -> None:
         """``W += delta`` (row convention) and ``b += delta_bias``, in place (merge/unmerge)."""
         mod = self.module
+        if delta_bias is not None and not self.has_bias:  # checked before anything changes
+            raise ValueError(
+                f"cannot merge a bias delta into {type(mod).__name__} without a bias; "
+                "set the component's train_bias=false for bias-free backbones"
+            )
         if self.layout == "conv1d":
             mod.weight[:, self.start : self.stop] += delta.to(mod.weight.dtype)
         else:
             mod.weight[self.start : self.stop] += delta.t().to(mod.weight.dtype)
         if delta_bias is not None:
-            if mod.bias is None:
-                raise ValueError(
-                    f"cannot merge a bias delta into {type(mod).__name__} without a bias; "
-                    "set the component's train_bias=false for bias-free backbones"
-                )
             mod.bias[self.start : self.stop] += delta_bias.to(mod.bias.dtype)
 
 
@@ -101,12 +101,17 @@ class Attention:
 
 @dataclass
 class Layer:
-    """One transformer block: its attention modules (self first) and its FFN."""
+    """One transformer block: its attention modules (self first) and its FFN.
+
+    ``ffn`` receives the FFN sub-layer's input (after the norm for pre-LN models); ``ffn_out``
+    produces its output before dropout and the residual add (the parallel-adapter convention).
+    """
 
     index: int
     stack: Literal["decoder", "encoder"]  # which stack of the model it belongs to
     attentions: list[Attention]
     ffn: nn.Module
+    ffn_out: nn.Module
     block: nn.Module
 
     @property

@@ -19,5 +19,5 @@ def describe(model: nn.Module) -> Anatomy:
             linear_projection(sa, "value"), linear_projection(out, "dense"),
             heads, heads, d // heads,
         )
-        layers.append(Layer(i, "encoder", [att], block.intermediate, block))
+        layers.append(Layer(i, "encoder", [att], block.intermediate, block.output.dense, block))
     return Anatomy("bert", d, layers)

@@ -16,5 +16,5 @@ def describe(model: nn.Module) -> Anatomy:
         q, k, v = (Projection(attn, "c_attn", "conv1d", d, d, (j * d, (j + 1) * d)) for j in range(3))
         o = Projection(attn, "c_proj", "conv1d", d, d)
         att = Attention(attn, "self", q, k, v, o, heads, heads, d // heads, scaled=cfg.scale_attn_weights, causal=True)
-        layers.append(Layer(i, "decoder", [att], block.mlp, block))
+        layers.append(Layer(i, "decoder", [att], block.mlp, block.mlp.c_proj, block))
     return Anatomy("gpt2", d, layers)

@@ -21,5 +21,5 @@ def describe(model: nn.Module) -> Anatomy:
             *(linear_projection(sa, f"{name}_proj") for name in ("q", "k", "v", "o")),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, causal=True, rotary=True,
         )
-        layers.append(Layer(i, "decoder", [att], block.mlp, block))
+        layers.append(Layer(i, "decoder", [att], block.mlp, block.mlp.down_proj, block))
     return Anatomy("llama", cfg.hidden_size, layers)

@@ -28,5 +28,6 @@ def describe(model: nn.Module) -> Anatomy:
             atts = [_attention(block.layer[0].SelfAttention, "self", cfg, causal=stack_name == "decoder")]
             if stack_name == "decoder":
                 atts.append(_attention(block.layer[1].EncDecAttention, "cross", cfg, causal=False))
-            layers.append(Layer(i, stack_name, atts, block.layer[-1].DenseReluDense, block))
+            ffn = block.layer[-1].DenseReluDense
+            layers.append(Layer(i, stack_name, atts, ffn, ffn.wo, block))
     return Anatomy("t5", cfg.d_model, layers)

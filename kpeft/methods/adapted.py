@@ -89,7 +89,14 @@ class AdaptedModel:
 
     @property
     def mergeable(self) -> bool:
-        return all(c.mergeable or isinstance(c, ParameterComponent) for c in self.all_components())
+        if not all(c.mergeable or isinstance(c, ParameterComponent) for c in self.all_components()):
+            return False
+        try:
+            for p in self.projections():
+                p.check_mergeable()
+        except ValueError:
+            return False
+        return True
 
     @property
     def merged(self) -> bool:
@@ -98,7 +105,10 @@ class AdaptedModel:
 
     def merge(self) -> None:
         """Fold every weight-site delta into the frozen weights (inference at backbone speed)."""
-        for p in self.projections():
+        projections = self.projections()
+        for p in projections:  # all or nothing: never leave some weights merged
+            p.check_mergeable()
+        for p in projections:
             p.merge()
 
     def unmerge(self) -> None:
@@ -113,6 +123,8 @@ class AdaptedModel:
         return {n: p.detach().clone().contiguous() for n, p in self.trainable_parameters()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.merged:
+            raise RuntimeError("unmerge() before loading: the merged weights hold the old deltas")
         params = dict(self.trainable_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))

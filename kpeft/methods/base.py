@@ -86,9 +86,20 @@ class AdaptedProjection(nn.Module):
                 y = torch.cat([y[..., : p.start], y[..., p.start : p.stop] + branch(x), y[..., p.stop :]], dim=-1)
         return y
 
+    def check_mergeable(self) -> None:
+        """Raise before :meth:`merge` changes any weight if a branch's delta cannot be folded in
+        (a trained bias β on a projection without a bias: T5/Llama with ``train_bias=true``)."""
+        for branch in self.branches:
+            if branch.delta_bias() is not None and not branch.projection.has_bias:
+                raise ValueError(
+                    f"cannot merge {type(branch).__name__}'s bias into {type(self.base).__name__} without a "
+                    "bias; set the component's train_bias=false for bias-free backbones"
+                )
+
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            self.check_mergeable()
             for branch in self.branches:
                 branch.projection.add_to_weight(branch.delta_weight(), branch.delta_bias())
             self.merged = True

@@ -1,0 +1,181 @@
+"""Configuration: every YAML under conf/ composes through the typed schemas, and composition
+problems are one-line KpeftErrors that name the key or list the valid choices."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from kpeft.backbones import HEADS_OF_FAMILY, describe
+from kpeft.backbones.loading import load_model
+from kpeft.compose import available, check_choices, compose
+from kpeft.config import CONF_DIR, BudgetConfig, LoRAConfig, MethodConfig, ModelConfig, TaskConfig
+from kpeft.errors import KpeftError
+
+MODELS, METHODS, BUDGETS, TASKS = (available(g) for g in ("model", "method", "budget", "task"))
+
+
+def test_the_groups_hold_the_expected_files():
+    assert {"gpt2", "roberta_base", "t5_base", "minilm_l6", "smollm2_135m"} <= set(MODELS)
+    assert {f"tiny_{f}" for f in ("gpt2", "bert", "roberta", "t5", "llama")} <= set(MODELS)
+    assert {"lora", "bitfit", "finetune"} <= set(METHODS)
+    assert {"tiny", "small", "intermediate", "nlu", "t5_glue"} <= set(BUDGETS)
+    assert TASKS and all((CONF_DIR / "task" / f"{t}.yaml").exists() for t in TASKS)
+
+
+def test_the_default_config_composes_and_resolves():
+    cfg = compose([])
+    assert OmegaConf.get_type(cfg).__name__ == "Config"
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["run_dir"].endswith(f"/{cfg.method.name}-{cfg.budget.name}/seed{cfg.seed}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_yaml_composes_and_builds_on_meta(name):
+    cfg = compose([f"model={name}"])
+    assert OmegaConf.get_type(cfg.model) is ModelConfig
+    assert cfg.model.name == name  # the file's `name` is its file name (run directories use it)
+    # The architecture numbers build the family it claims (no weights, no network).
+    model = load_model(cfg.model, HEADS_OF_FAMILY[cfg.model.family][0], meta=True)
+    anatomy = describe(model)
+    assert anatomy.family == cfg.model.family
+    arch = cfg.model.architecture
+    n_layers = arch.get("n_layer") or arch.get("num_hidden_layers") or arch.get("num_layers")
+    expected = n_layers + arch.get("num_decoder_layers", 0)
+    assert len(anatomy.layers) == expected
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_yaml_composes(name):
+    cfg = compose([f"method={name}"])
+    assert OmegaConf.get_type(cfg.method) is MethodConfig
+    assert cfg.method.name == name
+    assert cfg.method.components, "a method has at least one component"
+    for comp_name, comp in cfg.method.components.items():
+        assert comp.kind, f"components.{comp_name} has no kind"
+
+
+@pytest.mark.parametrize("name", BUDGETS)
+def test_every_budget_yaml_composes(name):
+    cfg = compose([f"budget={name}"])
+    assert OmegaConf.get_type(cfg.budget) is BudgetConfig
+    assert cfg.budget.name == name
+    assert cfg.budget.paper_pct is None or 0 < cfg.budget.paper_pct < 100
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_every_task_yaml_composes(name):
+    cfg = compose([f"task={name}"])
+    assert OmegaConf.get_type(cfg.task) is TaskConfig
+    assert cfg.task.name == name
+    assert cfg.task.kind in ("classification", "causal_lm", "seq2seq")
+    assert (cfg.task.num_labels >= 2) == (cfg.task.kind == "classification")
+
+
+def _fits(method: str, budget: str) -> bool:
+    """Whether the budget YAML sizes every ${budget.<section>...} the method YAML uses."""
+    text = (CONF_DIR / "method" / f"{method}.yaml").read_text()
+    sections = {s.split(".")[0] for s in _interpolated_budget_keys(text)}
+    budget_yaml = OmegaConf.load(CONF_DIR / "budget" / f"{budget}.yaml")
+    return all(s in budget_yaml for s in sections)
+
+
+def _interpolated_budget_keys(text: str) -> list[str]:
+    return re.findall(r"\$\{budget\.([\w.]+)\}", text)
+
+
+@pytest.mark.parametrize(("method", "budget"), list(itertools.product(METHODS, BUDGETS)))
+def test_every_method_budget_pair_composes_and_resolves(method, budget):
+    if not _fits(method, budget):
+        with pytest.raises(KpeftError, match=f"method '{method}' cannot meet budget '{budget}'"):
+            compose([f"method={method}", f"budget={budget}"])
+        pytest.skip(f"{method} has no size in budget {budget} (error checked)")
+    cfg = compose([f"method={method}", f"budget={budget}"])
+    resolved = OmegaConf.to_container(cfg.method, resolve=True, throw_on_missing=True)
+    if method == "lora":
+        assert resolved["components"]["lora"]["r"] == OmegaConf.load(CONF_DIR / "budget" / f"{budget}.yaml").lora.r
+
+
+def test_lora_yaml_values_reach_the_typed_component():
+    cfg = compose(["method=lora", "budget=intermediate"])
+    lora = cfg.method.components.lora
+    assert OmegaConf.get_type(lora) is LoRAConfig
+    assert list(lora.targets) == ["q", "v"]
+    assert (lora.r, lora.alpha, lora.dropout, lora.init) == (54, 32.0, 0.1, "kaiming_zero")
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["method.components.lora.rr=3", "+method.components.lora.rr=3"],
+)
+def test_a_misspelt_key_names_the_key_and_the_valid_fields(override):
+    with pytest.raises(KpeftError) as info:
+        compose([override])
+    msg = str(info.value)
+    assert "method.components.lora.rr" in msg
+    assert "unknown key" in msg and "alpha" in msg and "targets" in msg  # the schema's fields
+    assert "\n" not in msg
+
+
+def test_a_misspelt_top_level_key_is_an_error():
+    with pytest.raises(KpeftError, match=r"unknown key 'trian'"):
+        compose(["trian.lr=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "why"),
+    [
+        ("method.components.lora.alpha=abc", "method.components.lora.alpha", "Float"),
+        ("method.components.lora.r=abc", "method.components.lora.r", "Integer"),
+        ("budget.lora.r=abc", "budget.lora.r", "Integer"),
+        ("method.components.lora.targets=q", "method.components.lora.targets", "ListConfig"),
+    ],
+)
+def test_a_wrong_type_names_the_key_and_the_reason(override, key, why):
+    with pytest.raises(KpeftError) as info:
+        compose([override])
+    msg = str(info.value)
+    assert key in msg and why in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("group", ["model", "method", "budget", "task"])
+def test_an_unknown_name_lists_the_valid_names(group):
+    valid = available(group)
+    expected = f"unknown {group} 'nope'; valid: {', '.join(valid)}"
+    with pytest.raises(KpeftError) as info:
+        check_choices([f"{group}=nope"])
+    assert str(info.value) == expected
+    with pytest.raises(KpeftError) as info:
+        compose([f"{group}=nope"])
+    assert str(info.value) == expected
+
+
+def test_check_choices_checks_every_name_of_a_sweep():
+    check_choices(["method=lora,bitfit", "budget=small,tiny", "seed=1,2", "model.init=random"])
+    with pytest.raises(KpeftError, match=r"unknown method 'nope'"):
+        check_choices(["method=lora,nope"])
+
+
+def test_a_method_that_cannot_meet_a_budget_says_which_budgets_can():
+    # A budget without a LoRA size (the schema leaves it ??? when a budget YAML omits it).
+    with pytest.raises(KpeftError) as info:
+        compose(["method=lora", "budget=small", "budget.lora.r=???"])
+    msg = str(info.value)
+    sizing = [b for b in BUDGETS if b != "small"]
+    assert msg == (
+        f"method 'lora' cannot meet budget 'small': it gives no lora size; budgets that do: {', '.join(sizing)}"
+    )
+    # Methods that need no size are fine with that budget.
+    assert compose(["method=bitfit", "budget=small", "budget.lora.r=???"]).method.name == "bitfit"
+
+
+def test_a_missing_method_value_says_to_set_it():
+    with pytest.raises(KpeftError, match=r"missing value method\.components\.lora\.r; set it"):
+        compose(["method.components.lora.r=???"])
