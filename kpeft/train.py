@@ -3,7 +3,8 @@
 compose → build (backbone, task, method) → fit → evaluate the best checkpoint → write the record.
 ``-m`` sweeps (``method=lora,bitfit seed=1,2,3``); ``resume=true`` continues a killed run;
 a run whose record exists is skipped unless ``force=true``. Multi-process:
-``accelerate launch --num_processes 2 -m kpeft.train ...`` or ``torchrun --nproc_per_node 2 -m kpeft.train ...``.
+``torchrun --nproc_per_node 2 -m kpeft.train ...`` (GPUs, or CPUs over gloo), or on GPUs
+``accelerate launch --num_processes 2 -m kpeft.train ...``.
 """
 
 from __future__ import annotations

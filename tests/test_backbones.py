@@ -254,3 +254,13 @@ def test_smollm2_loads_offline_and_completes_a_sentence(monkeypatch, tmp_path):
     # The second load comes from the cache (a plain HF directory, no GGUF flag).
     again = load_model(cfg.model, "causal_lm")
     assert not hasattr(again.config, "quantization_config")
+
+
+def test_a_local_directory_loads_like_the_hub(tmp_path):
+    """`model.name_or_path=DIR` (a saved HF model) gives the same weights and outputs."""
+    original = tiny_model("llama")
+    original.save_pretrained(tmp_path)
+    cfg = config("model=tiny_llama", "model.init=pretrained", f"model.name_or_path={tmp_path}")
+    loaded = load_model(cfg.model, "causal_lm").float().eval()
+    batch = inputs("llama")
+    assert torch.equal(output(original, batch), output(loaded, batch))

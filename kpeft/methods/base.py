@@ -76,14 +76,19 @@ class AdaptedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
+        if self.merged or not self.branches:
             return y
+        # Sum the branches per column block, then one add per block: GPT-2's fused c_attn gets
+        # its q and v deltas in place, without re-assembling the (…, 3d) output.
+        deltas: dict[tuple[int, int], torch.Tensor] = {}
         for branch in self.branches:
-            p = branch.projection
-            if p.out_slice is None:
-                y = y + branch(x)
-            else:  # a column block of a fused projection (GPT-2 c_attn)
-                y = torch.cat([y[..., : p.start], y[..., p.start : p.stop] + branch(x), y[..., p.stop :]], dim=-1)
+            key = (branch.projection.start, branch.projection.stop)
+            deltas[key] = branch(x) if key not in deltas else deltas[key] + branch(x)
+        for (start, stop), delta in deltas.items():
+            if stop - start == y.shape[-1]:
+                y = y + delta
+            else:
+                y[..., start:stop] += delta  # y is this op's own output: safe to update in place
         return y
 
     def check_mergeable(self) -> None:
