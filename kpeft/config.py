@@ -83,6 +83,13 @@ class FullFinetuneConfig(ComponentConfig):
     kind: str = "finetune"
 
 
+# ---- Kernel-wise / Kernel-mix component schemas (SPEC §3) ----
+
+# ---- KronA component schemas (SPEC §5) ----
+
+# ---- Inducer / prefix / adapter component schemas (SPEC §4, §7) ----
+
+
 # ---------------------------------------------------------------- method
 @dataclass
 class MethodConfig:
@@ -113,6 +120,9 @@ class BudgetConfig:
     description: str = ""
     paper_pct: float | None = None  # the percentage the papers print for this budget
     lora: LoRASize = field(default_factory=LoRASize)
+    # ---- Kernel-wise / Kernel-mix sizes ----
+    # ---- KronA sizes ----
+    # ---- Inducer / prefix / adapter sizes ----
 
 
 # ---------------------------------------------------------------- task
@@ -206,6 +216,9 @@ COMPONENT_SCHEMAS: dict[str, type] = {
     "lora": LoRAConfig,
     "bitfit": BitFitConfig,
     "finetune": FullFinetuneConfig,
+    # ---- Kernel-wise / Kernel-mix ----
+    # ---- KronA ----
+    # ---- Inducer / prefix / adapters ----
 }
 
 register_configs()

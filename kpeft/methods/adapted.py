@@ -10,7 +10,6 @@ from torch import nn
 
 from kpeft.backbones import Anatomy
 from kpeft.methods.base import AdaptedProjection, Component
-from kpeft.methods.parameters import ParameterComponent
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class AdaptedModel:
     def set_trainable(self, train_task_head: bool = True) -> None:
         """Components' own parameters and their selected backbone tensors train; the rest is frozen."""
         for comp in self.all_components():
-            if isinstance(comp, ParameterComponent):
+            if comp.site == "parameters":
                 for _, p in comp.select(self.model):
                     p.requires_grad_(True)
             else:
@@ -89,7 +88,7 @@ class AdaptedModel:
 
     @property
     def mergeable(self) -> bool:
-        if not all(c.mergeable or isinstance(c, ParameterComponent) for c in self.all_components()):
+        if not all(c.mergeable or c.site == "parameters" for c in self.all_components()):
             return False
         try:
             for p in self.projections():

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
 from kpeft.backbones.anatomy import Projection
-from kpeft.methods.base import WeightComponent, init_input_factor, init_output_factor
+from kpeft.methods.base import WeightComponent, attach_weight_component, init_input_factor, init_output_factor
+from kpeft.methods.registry import BuildContext, bias_flag, register
 
 
 def lora_scaling(alpha: float, r: int, fidelity: str = "paper") -> float:
@@ -65,3 +67,19 @@ class LoRA(WeightComponent):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}, bias={self.lora_bias is not None}"
+
+
+@register("lora")
+def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[LoRA]:
+    """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all)."""
+    comps: list[LoRA] = []
+    for _, att in ctx.anatomy.attentions(cfg.attention):
+        for target in cfg.targets:
+            proj = att.projection(target)
+            comp = LoRA(
+                proj, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+                train_bias=bias_flag(cfg.train_bias, proj.has_bias), init=cfg.init, fidelity=ctx.fidelity,
+            )
+            attach_weight_component(comp)
+            comps.append(comp)
+    return comps

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from omegaconf import DictConfig
 from torch import nn
 
 from kpeft.methods.base import Component
+from kpeft.methods.registry import BuildContext, register
 
 
 class ParameterComponent(Component):
@@ -45,3 +47,13 @@ class BitFit(ParameterComponent):
             if _is_norm(module) and not self.include_ln_bias:
                 continue
             yield (f"{mod_name}.bias" if mod_name else "bias"), bias
+
+
+@register("bitfit")
+def build_bitfit(cfg: DictConfig, ctx: BuildContext) -> list[BitFit]:
+    return [BitFit(include_ln_bias=cfg.include_ln_bias)]
+
+
+@register("finetune")
+def build_finetune(cfg: DictConfig, ctx: BuildContext) -> list[FullFinetune]:
+    return [FullFinetune()]

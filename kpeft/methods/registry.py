@@ -4,7 +4,8 @@
 declares (``method.components.<name>.kind`` picks a builder registered here), installs them at
 their sites, and returns an :class:`AdaptedModel` that counts, merges and saves them.
 
-Adding a component kind = a schema in ``kpeft/config.py`` + a builder here (one decorator).
+Adding a component kind = a schema in ``kpeft/config.py`` + a builder registered with
+``@register("<kind>")`` in the component's own module, imported by ``kpeft/methods/__init__.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from omegaconf import DictConfig
 from kpeft.backbones import Anatomy
 from kpeft.errors import KpeftError
 from kpeft.methods.adapted import AdaptedModel
-from kpeft.methods.base import Component, attach_weight_component
-from kpeft.methods.lowrank import LoRA
-from kpeft.methods.parameters import BitFit, FullFinetune
+from kpeft.methods.base import Component
 
 
 @dataclass
@@ -31,6 +30,7 @@ class BuildContext:
     fidelity: str = "paper"
 
 
+# A builder walks the anatomy, creates its components, attaches them, and returns them.
 Builder = Callable[[DictConfig, BuildContext], list[Component]]
 BUILDERS: dict[str, Builder] = {}
 
@@ -45,38 +45,14 @@ def register(kind: str) -> Callable[[Builder], Builder]:
     return deco
 
 
-def _bias_flag(value: str, has_bias: bool) -> bool:
+def bias_flag(value: str, has_bias: bool) -> bool:
+    """``train_bias``: auto (iff the projection has a bias: GPT-2/BERT yes, T5/Llama no), true, false."""
     value = str(value).lower()
     if value == "auto":
         return has_bias
     if value in ("true", "false"):
         return value == "true"
     raise KpeftError(f"train_bias must be auto, true or false, not {value!r}")
-
-
-@register("lora")
-def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    comps: list[Component] = []
-    for _, att in ctx.anatomy.attentions(cfg.attention):
-        for target in cfg.targets:
-            proj = att.projection(target)
-            comp = LoRA(
-                proj, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
-                train_bias=_bias_flag(cfg.train_bias, proj.has_bias), init=cfg.init, fidelity=ctx.fidelity,
-            )
-            attach_weight_component(comp)
-            comps.append(comp)
-    return comps
-
-
-@register("bitfit")
-def build_bitfit(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    return [BitFit(include_ln_bias=cfg.include_ln_bias)]
-
-
-@register("finetune")
-def build_finetune(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    return [FullFinetune()]
 
 
 def apply_method(model, anatomy: Anatomy, method: DictConfig, fidelity: str = "paper") -> AdaptedModel:
