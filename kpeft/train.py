@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,6 +50,16 @@ def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     return adapted, task, splits
 
 
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Python, NumPy and torch (all devices) seeds; with `deterministic`, deterministic kernels
+    where torch has them (a warning, not an error, for the few that have none)."""
+    set_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by cuBLAS for determinism
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
 def _finite(x: float) -> float | None:
     return x if isinstance(x, float) and math.isfinite(x) else None
 
@@ -61,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
     t0 = time.perf_counter()
-    set_seed(cfg.seed, deterministic=cfg.train.deterministic)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     accelerator = make_accelerator(cfg.train)
     adapted, task, splits = build(cfg)
     adapted.model.to(accelerator.device)
