@@ -107,6 +107,10 @@ def check_method_fits_budget(cfg: DictConfig) -> None:
         # The method interpolates ${budget.<section>.<size>}; a missing one means the budget
         # does not size this method.
         found = re.search(r"Missing mandatory value: budget\.(\w+)", str(err))
+        # ... or reads a section the budget leaves out (optional sections default to None).
+        absent = re.search(r"Interpolation key 'budget\.(\w+)\.", str(err))
+        if not found and absent and absent.group(1) in cfg.budget and cfg.budget[absent.group(1)] is None:
+            found = absent
         if found:
             section = found.group(1)
             others = [b for b in budgets_sizing(section) if b != cfg.budget.name]

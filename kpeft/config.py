@@ -84,10 +84,151 @@ class FullFinetuneConfig(ComponentConfig):
 
 
 # ---- Kernel-wise / Kernel-mix component schemas (SPEC §3) ----
+@dataclass
+class KernelMixMatrixConfig:
+    """What one attention matrix (q, k, v or o) gets: a head-specific part of rank `wise` per
+    head (0 = none), built on a `full` head-specific input basis or, for q/v, the `lite` one
+    (the frozen key block W_k^(h)), plus a shared LoRA part of rank `shared` (0 = none)."""
+
+    wise: int = 0
+    basis: str = "full"  # full | lite (q, v only)
+    shared: int = 0
+
+
+@dataclass
+class KernelMixConfig(ComponentConfig):
+    """Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite (SPEC §3).
+
+    Per adapted matrix: ``ΔW = s·(B_shared A_shared + blockwise_h B^(h) A^(h))`` plus a trained
+    bias ``s·β`` carried by the head-specific part (none on the shared part).
+    """
+
+    kind: str = "kernel_mix"
+    q: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    k: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    v: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    o: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    dropout: float = 0.1  # on each branch's input (lite: on the keys K), independent masks
+    scale: float = 1.0  # s, for every branch (the official code: 1)
+    # auto: a head-specific bias β iff the adapted projection has a bias (GPT-2/BERT yes, T5/Llama no).
+    train_bias: str = "auto"  # auto | true | false
+    init: str = "kaiming_zero"  # kaiming_zero | houlsby | zero_zero (all zero; tests only)
+    # Lite: the basis is the post-bias key X W_k + b_k as in the official code (merge adds b_k B_k A
+    # to the bias); false = the paper's X W_k.
+    lite_basis_includes_key_bias: bool = True
+    tie_o_to_v: bool = False  # O ranks := V ranks (the official code)
+    attention: str = "self"  # self | cross | all
+
+
+@dataclass
+class KernelWiseConfig(KernelMixConfig):
+    """Kernel-wise(-lite): Kernel-mix without shared parts (every ``shared`` must be 0)."""
+
+    kind: str = "kernel_wise"
+
 
 # ---- KronA component schemas (SPEC §5) ----
+@dataclass
+class KronAConfig(ComponentConfig):
+    """KronA (SPEC §5.2): Y = XW + s·X(A ⊗ B), A = (m1, n1), B = (m2, n2), m1·m2 = d_in, n1·n2 = d_out."""
+
+    kind: str = "krona"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    a_shape: list[int] | None = MISSING
+    # null: derived from a_shape and each adapted matrix. (MISSING, not None, by default: OmegaConf
+    # 2.3 resolves an interpolation merged into a None list node at composition time.)
+    b_shape: list[int] | None = MISSING
+    scale: float = 1.0  # s (1 in all of KronA's experiments)
+    init: str = "kaiming_zero"  # kaiming_zero (A ~ KU, B = 0) | normal (both N(0, 1/d_in)) | zero_zero
+    attention: str = "self"  # self | cross | all
+    train_layernorm: bool = False  # also train every LayerNorm (SPEC §5.5 reconstruction)
+
+
+@dataclass
+class KronABConfig(ComponentConfig):
+    """KronA^B (SPEC §5.3): FFN_out ← FFN(X) + s·Σ_k (X(A_k ⊗ B_k) + b_k), X = the FFN input;
+    with ``residual_scale`` (KronA^B_res, §5.4) also + s_res·X, s_res learnable."""
+
+    kind: str = "krona_b"
+    a_shape: list[int] | None = MISSING
+    b_shape: list[int] | None = MISSING  # null: derived from a_shape and the model width
+    n_modules: int = 2  # Kronecker modules per FFN, summed
+    scale: float = 16.0  # s (Table 17: 4 or 16 per task)
+    n_bias: int = 1  # 0: none | 1: output bias b_k ∈ R^d | 2: also C_k ∈ R^{n1×m2} on A_kᵀX (our reading)
+    residual_scale: float | None = None  # initial s_res (learnable); null = no residual term
+    residual_sharing: str = "module"  # module (one s_res per Kronecker module) | ffn | model
+    init: str = "kaiming_zero"  # kaiming_zero | normal | zero_zero
+    train_layernorm: bool = False  # also train every LayerNorm (SPEC §5.5 reconstruction)
+
+
+@dataclass
+class KronABResConfig(KronABConfig):
+    """KronA^B_res (SPEC §5.4): KronA^B + s_res·X, s_res initialised to 1."""
+
+    kind: str = "krona_b_res"
+    residual_scale: float | None = 1.0
+
+
+@dataclass
+class KronASize:
+    """KronA's size at a budget (``budget.krona``), and SPEC §5.5's reading of where it goes."""
+
+    a_shape: list[int] = MISSING  # A = (m1, n1)
+    b_shape: list[int] | None = None  # B = (m2, n2); null: derived from A
+    attention: str = "self"  # self | cross | all (t5_glue: all 36 attention modules)
+    train_layernorm: bool = False  # t5_glue: true (the Compacter recipe)
+
+
+@dataclass
+class KronABSize:
+    """KronA^B(_res)'s size at a budget (``budget.krona_b``)."""
+
+    a_shape: list[int] = MISSING
+    b_shape: list[int] | None = None
+    n_modules: int = 2
+    train_layernorm: bool = False
+
 
 # ---- Inducer / prefix / adapter component schemas (SPEC §4, §7) ----
+@dataclass
+class PrefixConfig(ComponentConfig):
+    """Prefix-tuning (Li & Liang; SPEC §7.4): per layer, l trained key/value rows prepended to
+    every head's keys/values (never causally masked). ``reparam``: P = MLP(E) during training,
+    E (l, d) → Linear(d, mid_dim) → tanh → Linear(mid_dim, 2·L·d_kv); else P is trained directly."""
+
+    kind: str = "prefix"
+    length: int = MISSING
+    mid_dim: int = 512
+    reparam: bool = True
+    # Real tokens' positions start at `length` (the official code feeds the prefix as past keys);
+    # GPT-2 and Llama only (BERT/T5 prefixes carry no position).
+    position_offset: bool = True
+    attention: str = "self"  # self | cross | all
+
+
+@dataclass
+class InducerConfig(ComponentConfig):
+    """Inducer-tuning (SPEC §4): per query an inducer key P_k = Q + MLP_k(Q) (no MLP_k when
+    r_k < 2), λ = sigmoid(a − LSE(S)), output f + λ·MLP_v(Q); variants by `value` and `gating`."""
+
+    kind: str = "inducer"
+    r_k: int = MISSING  # MLP_k bottleneck ("prefix_length" in the official code)
+    r_v: int = MISSING  # value-MLP bottleneck ("prefix_dim")
+    # extended: MLP̄_v (Eq. 11) to model width, added after W_o | local: MLP_v per head (width p),
+    # added to the head output before W_o (the "Adaptive" ablation).
+    value: str = "extended"
+    gating: bool = False  # (1−λ)·f + λ·MLP_v instead of the residual f + λ·MLP_v (Table 3)
+    act: str = "tanh"  # tanh (official code) | relu | gelu
+    # houlsby: trunc_normal_0.01 on every tensor (official code) | zero_value: MLP_v ≡ 0 (tests)
+    init: str = "houlsby"
+    lambda_dropout: bool = True  # the attention dropout also drops λ (official code), training only
+    # a_i ← a_i·√i (1-based position): the official code's undocumented switch for r_k = 0;
+    # null = on exactly when fidelity=code and r_k = 0.
+    position_scaled_logit: bool | None = None
+    # λ's normaliser sees the padding mask (paper); null = true, false under fidelity=code
+    # (the NLU code computes λ before adding the padding mask, SPEC §12 item 9).
+    mask_padding_in_lambda: bool | None = None
+    attention: str = "self"  # self | cross | all
 
 
 # ---------------------------------------------------------------- method
@@ -109,6 +250,44 @@ class LoRASize:
 
 
 @dataclass
+class PrefixSize:
+    """Prefix-tuning: the prefix length l (Prefix-8 = 0.12% stored, Prefix-108 = 1.60%)."""
+
+    length: int = MISSING
+
+
+@dataclass
+class InducerSize:
+    """Inducer-tuning ([IT] Table 5): MLP_k and value-MLP bottlenecks."""
+
+    r_k: int = MISSING
+    r_v: int = MISSING
+
+
+@dataclass
+class InducerLoRASize:
+    """Inducer-tuning + LoRA on W_q ([IT] Table 5); the NLU code's LoRA has no bias β."""
+
+    r_k: int = MISSING
+    r_v: int = MISSING
+    lora_r: int = MISSING
+    lora_bias: str = "auto"  # LoRA train_bias: auto | true | false
+
+
+@dataclass
+class KernelMixSize:
+    """One row of Kernel-mix Table B.5: head-specific (``*_wise``) and shared (``*_lora``) ranks;
+    whether a head-specific part is lite is the method's choice, not the budget's."""
+
+    q_wise: int = 0
+    q_lora: int = 0
+    v_wise: int = 0
+    v_lora: int = 0
+    o_wise: int = 0
+    o_lora: int = 0
+
+
+@dataclass
 class BudgetConfig:
     """Per-method sizes that realise one budget of the papers' tables.
 
@@ -121,8 +300,25 @@ class BudgetConfig:
     paper_pct: float | None = None  # the percentage the papers print for this budget
     lora: LoRASize = field(default_factory=LoRASize)
     # ---- Kernel-wise / Kernel-mix sizes ----
+    # Kernel-mix Table B.5, one section per method; a budget without the section cannot meet it.
+    kernel_mix_lite_qv: KernelMixSize | None = None
+    kernel_mix_qvo: KernelMixSize | None = None
+    kernel_wise_lite_qv: KernelMixSize | None = None
+    kernel_wise_mq: KernelMixSize | None = None
+    kernel_wise_mv: KernelMixSize | None = None
+    kernel_wise_qvo: KernelMixSize | None = None
     # ---- KronA sizes ----
+    # KronA / KronA^B(_res) (SPEC §5.5); a budget without the section cannot meet them.
+    krona: KronASize | None = None
+    krona_b: KronABSize | None = None
     # ---- Inducer / prefix / adapter sizes ----
+    # Prefix-tuning / Inducer-tuning (SPEC §4.5, §7.4); gating uses the inducer section.
+    # A budget whose YAML has no section cannot meet the method.
+    prefix: PrefixSize | None = None
+    inducer: InducerSize | None = None
+    inducer_adaptive: InducerSize | None = None
+    inducer_extension: InducerSize | None = None
+    inducer_lora: InducerLoRASize | None = None
 
 
 # ---------------------------------------------------------------- task
@@ -217,8 +413,15 @@ COMPONENT_SCHEMAS: dict[str, type] = {
     "bitfit": BitFitConfig,
     "finetune": FullFinetuneConfig,
     # ---- Kernel-wise / Kernel-mix ----
+    "kernel_mix": KernelMixConfig,
+    "kernel_wise": KernelWiseConfig,
     # ---- KronA ----
+    "krona": KronAConfig,
+    "krona_b": KronABConfig,
+    "krona_b_res": KronABResConfig,
     # ---- Inducer / prefix / adapters ----
+    "prefix": PrefixConfig,
+    "inducer": InducerConfig,
 }
 
 register_configs()

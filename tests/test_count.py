@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from kpeft.compose import available
 from kpeft.config import CONF_DIR
 from kpeft.count import main
 
@@ -105,6 +106,6 @@ def test_the_cli_end_to_end():
     assert bad.returncode == 2
     assert bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
-        "kpeft: error: unknown method 'nope'; valid: bitfit, finetune, lora"
+        f"kpeft: error: unknown method 'nope'; valid: {', '.join(available('method'))}"
     ]
     assert "Traceback" not in bad.stderr

@@ -4,7 +4,14 @@ Importing this package registers every component kind: each module below registe
 with ``@register("<kind>")``. A new component module gets one line here.
 """
 
-from kpeft.methods import lowrank, parameters  # noqa: F401  (registration)
+from kpeft.methods import (  # noqa: F401  (registration: each module registers its component kinds)
+    inducer,  # inducer (attention site)
+    kernelwise,  # kernel_mix, kernel_wise
+    kron,  # krona, krona_b, krona_b_res
+    lowrank,  # lora
+    parameters,  # bitfit, finetune
+    prefix,  # prefix (attention site)
+)
 from kpeft.methods.adapted import AdaptedModel, ParamCount
 from kpeft.methods.registry import BUILDERS, BuildContext, apply_method, register
 

@@ -37,6 +37,10 @@ class WeightComponent(Component):
 
     site = "weight"
     mergeable = True
+    # A branch that reads the frozen projection's own output sets this (class or instance) and is
+    # called as ``branch(x, y)``: GPT-2's fused c_attn output holds the keys that Kernel-wise-lite
+    # reuses (SPEC §3.5).
+    uses_base_output: bool = False
 
     def __init__(self, projection: Projection):
         super().__init__()
@@ -81,9 +85,16 @@ class AdaptedProjection(nn.Module):
         # Sum the branches per column block, then one add per block: GPT-2's fused c_attn gets
         # its q and v deltas in place, without re-assembling the (…, 3d) output.
         deltas: dict[tuple[int, int], torch.Tensor] = {}
+        read_y = False
         for branch in self.branches:
             key = (branch.projection.start, branch.projection.stop)
-            deltas[key] = branch(x) if key not in deltas else deltas[key] + branch(x)
+            if branch.uses_base_output:
+                out, read_y = branch(x, y), True
+            else:
+                out = branch(x)
+            deltas[key] = out if key not in deltas else deltas[key] + out
+        if read_y and torch.is_grad_enabled():
+            y = y.clone()  # a branch read y (autograd may have saved it): update a copy
         for (start, stop), delta in deltas.items():
             if stop - start == y.shape[-1]:
                 y = y + delta
@@ -95,6 +106,8 @@ class AdaptedProjection(nn.Module):
         """Raise before :meth:`merge` changes any weight if a branch's delta cannot be folded in
         (a trained bias β on a projection without a bias: T5/Llama with ``train_bias=true``)."""
         for branch in self.branches:
+            if not branch.mergeable:  # e.g. the inducer's value branch (no fixed weight delta)
+                raise ValueError(f"{type(branch).__name__} on {type(self.base).__name__} cannot be merged")
             if branch.delta_bias() is not None and not branch.projection.has_bias:
                 raise ValueError(
                     f"cannot merge {type(branch).__name__}'s bias into {type(self.base).__name__} without a "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -28,6 +29,9 @@ class BuildContext:
     anatomy: Anatomy
     method_name: str
     fidelity: str = "paper"
+    # The whole transformers model (attention-site components switch its attention
+    # implementation and hook its position embeddings).
+    model: Any = None
 
 
 # A builder walks the anatomy, creates its components, attaches them, and returns them.
@@ -60,7 +64,7 @@ def apply_method(model, anatomy: Anatomy, method: DictConfig, fidelity: str = "p
     total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in anatomy.task_head_params)
     for p in model.parameters():
         p.requires_grad_(False)
-    ctx = BuildContext(anatomy=anatomy, method_name=method.name, fidelity=fidelity)
+    ctx = BuildContext(anatomy=anatomy, method_name=method.name, fidelity=fidelity, model=model)
     components: dict[str, list[Component]] = {}
     for name, ccfg in method.components.items():
         builder = BUILDERS.get(ccfg.kind)
