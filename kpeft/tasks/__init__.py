@@ -6,12 +6,21 @@ from omegaconf import DictConfig
 
 from kpeft.errors import KpeftError
 from kpeft.tasks.base import IGNORE, Task
+from kpeft.tasks.cnndm import CNNDM
+from kpeft.tasks.coqa import CoQA
+from kpeft.tasks.glue import Glue
 from kpeft.tasks.synthetic import DemoReverse, DemoSentiment
+from kpeft.tasks.webnlg import WebNLG
 
 TASKS: dict[str, type[Task]] = {
     "demo_sentiment": DemoSentiment,
     "demo_reverse": DemoReverse,
     "demo_reverse_s2s": DemoReverse,
+    # the paper benchmarks (official files or the hub; official scorers: python -m kpeft.score)
+    "webnlg": WebNLG,
+    "coqa": CoQA,
+    "cnndm": CNNDM,
+    **{f"glue_{t}": Glue for t in ("sst2", "mnli", "cola", "rte", "mrpc", "stsb", "qnli", "qqp")},
 }
 
 

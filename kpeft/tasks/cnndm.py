@@ -1,0 +1,125 @@
+"""CNN/DailyMail summarisation (SPEC §10.2, §16.3).
+
+Under ``task.data_dir``, per split, either:
+
+* line-aligned files ``{train,val,test}.source`` / ``.target`` (one article / summary per line;
+  See et al.'s ``<t> … </t>`` sentence tags or ``<n>`` markers in a target mark its sentences); or
+* the raw ``.story`` files (at any depth, e.g. ``cnn/stories/*.story``, ``dailymail/stories/``)
+  with the official URL lists ``all_train.txt``, ``all_val.txt``, ``all_test.txt`` (in
+  ``task.data_dir`` or ``url_lists/``; a story's file name is the SHA-1 of its URL). A story is
+  read as the hub's ``cnn_dailymail`` 3.0.0 reads it: lines stripped, a " ." added to lines that
+  end without punctuation, the article = its paragraphs joined by spaces, the highlights (the lines
+  after ``@highlight``) joined by newlines; stories come in the hub's order (CNN, then Daily Mail,
+  each sorted by file name).
+
+Without ``task.data_dir``: the hub's ``cnn_dailymail`` 3.0.0 (``article``, ``highlights``, ``id``).
+
+A record: ``{"id", "article", "highlights"}`` (highlights: one sentence per line where known).
+``python -m kpeft.score task=cnndm predictions=FILE``: one summary per line (sentences may be
+separated by ``<n>`` or a literal ``\\n`` for ROUGE-Lsum); ROUGE-1/2/L/Lsum F1 ×100 and the
+Kernel-mix code's ``rouge2_vglm`` (:mod:`kpeft.metrics.rouge`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from kpeft.errors import KpeftError
+from kpeft.metrics import rouge as metric
+from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split, read_lines
+
+FILE_SPLIT = {"train": "train", "validation": "val", "test": "test"}
+# Sentence-final tokens after which no period is added (the hub's cnn_dailymail reader).
+END_TOKENS = (".", "!", "?", "...", "'", "`", '"', "\u2019", "\u201d", ")")
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha1(url.strip().encode("utf-8")).hexdigest()
+
+
+def _fix_missing_period(line: str) -> str:
+    if "@highlight" in line or not line or line.endswith(END_TOKENS):
+        return line
+    return line + " ."
+
+
+def read_story(path: Path) -> tuple[str, str]:
+    """(article, highlights) of a ``.story`` file, as the hub's ``cnn_dailymail`` 3.0.0 builds them."""
+    with open(path, encoding="utf-8") as f:
+        lines = [_fix_missing_period(line.strip()) for line in f]
+    article, highlights, next_is_highlight = [], [], False
+    for line in lines:
+        if not line:
+            continue
+        if line.startswith("@highlight"):
+            next_is_highlight = True
+        elif next_is_highlight:
+            highlights.append(line)
+        else:
+            article.append(line)
+    return " ".join(article), "\n".join(highlights)
+
+
+def _hub_order(path: Path, root: Path) -> tuple[int, str]:
+    """The hub reader's order: CNN stories, then Daily Mail stories, each sorted by file name."""
+    parts = path.relative_to(root).parts[:-1]
+    return (1 if "dailymail" in parts or "dm" in parts else 0, path.name)
+
+
+class CNNDM(BenchmarkTask):
+    """CNN/DailyMail data and ROUGE (see the module docstring)."""
+
+    layout = (
+        "CNN/DM as line-aligned {train,val,test}.source / .target files, or the .story files with "
+        "the URL lists all_train.txt, all_val.txt, all_test.txt"
+    )
+    hub_path, hub_name = "cnn_dailymail", "3.0.0"
+
+    def file_records(self, split: str) -> list[Record]:
+        root = self.root()
+        name = FILE_SPLIT[split]
+        if (root / f"{name}.source").is_file() or (root / f"{name}.target").is_file():
+            return self._aligned(root, name)
+        return self._stories(root, name)
+
+    def _aligned(self, root: Path, name: str) -> list[Record]:
+        root = self.root([f"{name}.source", f"{name}.target"])
+        src, tgt = read_lines(root / f"{name}.source"), read_lines(root / f"{name}.target")
+        if len(src) != len(tgt):
+            raise KpeftError(f"task 'cnndm': {name}.source has {len(src)} lines but {name}.target {len(tgt)}")
+        return [{"id": f"{name}-{i}", "article": s, "highlights": metric.sentences(t)} for i, (s, t) in enumerate(zip(src, tgt))]
+
+    def _stories(self, root: Path, name: str) -> list[Record]:
+        candidates = [root / f"all_{name}.txt", root / "url_lists" / f"all_{name}.txt", root / f"url_lists_all_{name}.txt"]
+        url_list = next((c for c in candidates if c.is_file()), None)
+        if url_list is None:
+            raise KpeftError(f"task 'cnndm': task.data_dir '{root}' has neither {name}.source/{name}.target nor "
+                             f"the URL list all_{name}.txt; it should hold {self.layout}")
+        stories = {p.stem: p for p in root.rglob("*.story")}
+        hashes = {url_hash(u) for u in read_lines(url_list) if u.strip()}
+        missing = sorted(hashes - stories.keys())
+        if missing:
+            raise KpeftError(f"task 'cnndm': {len(missing)} of the {len(hashes)} stories in {url_list.name} are "
+                             f"not under '{root}' (first: {missing[0]}.story)")
+        out = []
+        for h in sorted(hashes, key=lambda h: _hub_order(stories[h], root)):
+            article, highlights = read_story(stories[h])
+            out.append({"id": h, "article": article, "highlights": highlights})
+        return out
+
+    def hub_records(self, split: str) -> list[Record]:
+        return [{"id": row.get("id", f"{split}-{i}"), "article": row["article"], "highlights": row["highlights"]}
+                for i, row in enumerate(self.hub_split(split))]
+
+    def score(self, predictions: list[str], split: str = "test") -> dict[str, Any]:
+        split = canonical_split(split)
+        records = self.records(split)
+        self.check_count(predictions, len(records), "examples", split)
+        preds = [metric.sentences(p) for p in predictions]
+        refs = [metric.sentences(r["highlights"]) for r in records]
+        out = metric.rouge(preds, refs)
+        out["rouge2_vglm"] = metric.rouge2_vglm([" ".join(p.split("\n")) for p in preds],
+                                                [" ".join(r.split("\n")) for r in refs])
+        return out

@@ -1,0 +1,185 @@
+"""WebNLG 2017 (the challenge data prefix-tuning and the Kernel-mix / Inducer code used; SPEC §10.2).
+
+Under ``task.data_dir``, either layout (per split, XML first):
+
+* the challenge XML: ``train/<n>triples/*.xml``, ``dev/<n>triples/*.xml`` (read in order of n, then
+  file name) and ``test/testdata_with_lex.xml``;
+* prefix-tuning's JSON: ``train.json``, ``dev.json``, ``test.json``
+  (``{"entries": [{"1": {"category", "size", "modifiedtripleset", "lexicalisations", ...}}, ...]}``).
+
+Both give the same entries in the same order (``tests/test_tasks_webnlg.py``). Without
+``task.data_dir`` the hub's ``web_nlg`` / ``webnlg_challenge_2017`` is read and adapted.
+
+Records:
+
+* an **entry** (:meth:`WebNLG.entries`): ``{"id", "eid", "category", "subset", "size", "triples",
+  "lexes", "references"}``, ``triples`` from ``modifiedtripleset`` (raw strings, underscores kept),
+  ``references`` = every lexicalisation's text in file order (the scorer uses the first three);
+* a **training example** (``records("train")`` / ``records("validation")``): one per (entry,
+  lexicalisation) whose ``comment`` is ``"good"`` where that attribute exists:
+  ``{"id", "eid", "category", "subset", "triples", "target"}``;
+* ``records("test")`` = the test entries, one per line of a predictions file, in official XML order.
+
+``python -m kpeft.score task=webnlg predictions=FILE``: one output line per test entry; BLEU,
+METEOR, TER on SEEN / UNSEEN / ALL (:mod:`kpeft.metrics.webnlg`; ``task.options.meteor``:
+``jar`` | ``approx`` | ``off``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from kpeft.errors import KpeftError
+from kpeft.metrics import webnlg as metric
+from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split
+
+XML_DIRS = {"train": "train", "validation": "dev"}
+TEST_XML = "test/testdata_with_lex.xml"
+JSON_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}
+
+
+def _entry(key: str, eid: str, category: str, size: Any, triples: list[list[str]], lexes: list[dict]) -> Record:
+    return {
+        "id": key,
+        "eid": eid,
+        "category": category,
+        "subset": metric.subset_of(category),
+        "size": int(size),
+        "triples": triples,
+        "lexes": lexes,
+        "references": [lex["text"] for lex in lexes],
+    }
+
+
+def _triple(text: str) -> list[str]:
+    parts = text.strip().split(" | ")
+    if len(parts) != 3:
+        raise KpeftError(f"WebNLG triple '{text}' is not 'subject | property | object'")
+    return parts
+
+
+def entries_from_xml(path: Path, prefix: str = "") -> list[Record]:
+    """The entries of one challenge XML file, in file order (entries without a lexicalisation are
+    skipped, as the challenge's reader skips them)."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise KpeftError(f"WebNLG file '{path}' is not valid XML ({err})") from None
+    out = []
+    for xml_entry in root.iter("entry"):
+        lexes = [
+            {"text": lex.text or "", "comment": lex.get("comment"), "lid": lex.get("lid")}
+            for lex in xml_entry.findall("lex")
+        ]
+        if not lexes:
+            continue
+        mts = xml_entry.find("modifiedtripleset")
+        triples = [_triple(t.text or "") for t in (mts.findall("mtriple") if mts is not None else [])]
+        eid = xml_entry.get("eid", "")
+        out.append(_entry(f"{prefix}{eid}", eid, xml_entry.get("category", ""), xml_entry.get("size", len(triples)),
+                          triples, lexes))
+    return out
+
+
+def _size_of(folder: Path) -> tuple[int, str]:
+    found = re.match(r"(\d+)", folder.name)
+    return (int(found.group(1)) if found else 1 << 30, folder.name)
+
+
+def entries_from_xml_dir(folder: Path) -> list[Record]:
+    """``<n>triples/*.xml`` under `folder`, by n then file name (the prefix-tuning JSON's order)."""
+    files = [f for d in sorted((d for d in folder.iterdir() if d.is_dir()), key=_size_of) for f in sorted(d.glob("*.xml"))]
+    files += sorted(folder.glob("*.xml"))
+    out = []
+    for f in files:
+        out += entries_from_xml(f, prefix=f"{f.relative_to(folder).with_suffix('')}#")
+    return out
+
+
+def entries_from_json(path: Path) -> list[Record]:
+    """Prefix-tuning's JSON layout: ``entries`` = ``[{"<i>": entry}]`` with i = 1, 2, ... in order."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        items = [(k, v) for item in data["entries"] for k, v in item.items()]
+    except (json.JSONDecodeError, KeyError, AttributeError) as err:
+        raise KpeftError(f"WebNLG file '{path}' is not prefix-tuning's JSON layout ({err!r})") from None
+    out = []
+    for key, e in items:
+        lexes = [{"text": lex.get("lex", ""), "comment": lex.get("comment"), "lid": lex.get("xml_id")}
+                 for lex in e.get("lexicalisations", [])]
+        if not lexes:
+            continue
+        triples = [[t["subject"], t["property"], t["object"]] for t in e.get("modifiedtripleset", [])]
+        out.append(_entry(key, e.get("xml_id", f"Id{key}"), e.get("category", ""), e.get("size", len(triples)),
+                          triples, lexes))
+    return out
+
+
+def entry_from_hub(row: dict, index: int) -> Record:
+    """A row of the hub's ``web_nlg`` (``webnlg_challenge_2017``) as an entry record."""
+    mts = row["modified_triple_sets"]["mtriple_set"]
+    triples = [_triple(t) for t in (mts[0] if mts else [])]
+    lex = row["lex"]
+    lexes = [{"text": text, "comment": comment or None, "lid": lid}
+             for text, comment, lid in zip(lex["text"], lex["comment"], lex["lid"])]
+    return _entry(str(index + 1), row.get("eid", f"Id{index + 1}"), row["category"], row["size"], triples, lexes)
+
+
+def training_examples(entries: list[Record]) -> list[Record]:
+    """One example per (entry, lexicalisation) kept: ``comment == "good"`` where a comment exists."""
+    out = []
+    for e in entries:
+        for lex in e["lexes"]:
+            if lex["comment"] not in (None, "", "good"):
+                continue
+            out.append({"id": f"{e['id']}/{lex['lid']}", "eid": e["eid"], "category": e["category"],
+                        "subset": e["subset"], "triples": e["triples"], "target": lex["text"]})
+    return out
+
+
+class WebNLG(BenchmarkTask):
+    """WebNLG 2017 challenge data and its official scorer (see the module docstring)."""
+
+    layout = (
+        "the WebNLG 2017 challenge files: train/<n>triples/*.xml, dev/<n>triples/*.xml and "
+        f"{TEST_XML}, or prefix-tuning's train.json, dev.json, test.json"
+    )
+    hub_path, hub_name = "web_nlg", "webnlg_challenge_2017"
+    hub_splits = {"train": "train", "validation": "dev", "test": "test"}
+
+    def entries(self, split: str) -> list[Record]:
+        """One record per entry (all lexicalisations), in official order."""
+        split = canonical_split(split)
+        key = f"entries/{split}"
+        if key not in self._records:
+            self._records[key] = self._file_entries(split) if self.cfg.data_dir else self._hub_entries(split)
+        return self._records[key]
+
+    def _file_entries(self, split: str) -> list[Record]:
+        root = self.root()
+        xml = root / TEST_XML if split == "test" else root / XML_DIRS[split]
+        if xml.exists():
+            return entries_from_xml(xml) if xml.is_file() else entries_from_xml_dir(xml)
+        if (root / JSON_FILES[split]).is_file():
+            return entries_from_json(root / JSON_FILES[split])
+        want = TEST_XML if split == "test" else f"{XML_DIRS[split]}/<n>triples/*.xml"
+        raise KpeftError(f"task 'webnlg': task.data_dir '{root}' has neither {want} nor {JSON_FILES[split]} "
+                         f"for split '{split}'; it should hold {self.layout}")
+
+    def _hub_entries(self, split: str) -> list[Record]:
+        return [entry_from_hub(row, i) for i, row in enumerate(self.hub_split(split))]
+
+    def file_records(self, split: str) -> list[Record]:
+        return self.entries(split) if split == "test" else training_examples(self.entries(split))
+
+    hub_records = file_records
+
+    def score(self, predictions: list[str], split: str = "test") -> dict[str, Any]:
+        entries = self.entries(split)
+        self.check_count(predictions, len(entries), "entries", canonical_split(split))
+        mode = self.options.get("meteor", "jar")
+        return metric.evaluate(predictions, [e["references"] for e in entries], [e["category"] for e in entries], meteor=mode)

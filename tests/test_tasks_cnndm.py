@@ -1,0 +1,91 @@
+"""CNN/DM loaders: raw .story files with URL lists, line-aligned files, the hub adapter, scoring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kpeft.errors import KpeftError
+from kpeft.paths import shared_data_dir
+from kpeft.tasks import task_class
+from kpeft.tasks.cnndm import read_story, url_hash
+
+DATA = shared_data_dir() / "cnn_dm"
+STORIES, REALSUMM = DATA / "stories_allennlp_fixture", DATA / "realsumm_test100"
+pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"needs the shared CNN/DM samples in {DATA}")
+
+
+def cnndm(make_cfg, data_dir):
+    cfg = make_cfg("task=cnndm", f"task.data_dir={data_dir}")
+    return task_class(cfg.task)(cfg.task)
+
+
+def test_story_files_with_url_lists(make_cfg):
+    task = cnndm(make_cfg, STORIES)
+    train, val = task.records("train"), task.records("validation")
+    assert len(train) == len(val) == 10
+    urls = [u for u in (STORIES / "url_lists_all_train.txt").read_text().splitlines() if u.strip()]
+    assert {r["id"] for r in train} == {url_hash(u) for u in urls}
+    assert [r["id"] for r in train] == sorted(r["id"] for r in train)  # the hub's order: by file name
+    with pytest.raises(KpeftError, match="neither test.source/test.target nor the URL list all_test.txt"):
+        task.records("test")
+
+
+def test_story_reading_matches_the_hub_reader(tmp_path):
+    story = tmp_path / "x.story"
+    story.write_text("First line\n\nSecond one.\n\n@highlight\n\nA highlight\n\n@highlight\n\nAnother!\n")
+    article, highlights = read_story(story)
+    assert article == "First line . Second one."  # a period added to the line without one
+    assert highlights == "A highlight .\nAnother!"
+    first = next(STORIES.glob("*.story"))
+    article, highlights = read_story(first)
+    assert article and "@highlight" not in article and highlights.count("\n") >= 1
+
+
+def test_line_aligned_files_and_score_cli(make_cfg, tmp_path):
+    if not REALSUMM.is_dir():
+        pytest.skip(f"needs {REALSUMM}")
+    shutil.copy(REALSUMM / "src.txt", tmp_path / "test.source")
+    shutil.copy(REALSUMM / "ref.txt", tmp_path / "test.target")
+    records = cnndm(make_cfg, tmp_path).records("test")
+    assert len(records) == 100 and records[0]["highlights"].startswith("anuradha koirala")
+    assert "<t>" not in records[0]["highlights"]
+    preds = tmp_path / "preds.txt"
+    preds.write_text("".join(r["highlights"].replace("\n", " <n> ") + "\n" for r in records))
+    out = subprocess.run([sys.executable, "-m", "kpeft.score", "task=cnndm", f"predictions={preds}",
+                          f"task.data_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(scores) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "rouge2_vglm"}
+    assert scores["rouge2"] == pytest.approx(100.0) and scores["rougeLsum"] == pytest.approx(100.0)
+    # the lead-3 baseline of the first article: a real, mid-range score
+    lead = [" ".join(r["article"].replace("<t>", "").replace("</t>", "").split()[:60]) for r in records]
+    preds.write_text("".join(line + "\n" for line in lead))
+    out = subprocess.run([sys.executable, "-m", "kpeft.score", "task=cnndm", f"predictions={preds}",
+                          f"task.data_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 5 < scores["rouge2"] < 40 and 20 < scores["rouge1"] < 60
+
+
+def test_unequal_aligned_files_are_an_error(make_cfg, tmp_path):
+    (tmp_path / "val.source").write_text("a\nb\n")
+    (tmp_path / "val.target").write_text("a\n")
+    with pytest.raises(KpeftError, match="val.source has 2 lines but val.target 1"):
+        cnndm(make_cfg, tmp_path).records("validation")
+
+
+def test_hub_adapter(make_cfg, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"article": "Art .", "highlights": "H1 .\nH2 .", "id": "abc"}]
+    ds = datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s in ("train", "validation", "test")})
+    import kpeft.tasks.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "load_hub", lambda path, name, layout: ds)
+    cfg = make_cfg("task=cnndm")
+    task = task_class(cfg.task)(cfg.task)
+    assert task.records("validation") == [{"id": "abc", "article": "Art .", "highlights": "H1 .\nH2 ."}]
+    assert task.score(["H1 . <n> H2 ."])["rougeLsum"] == pytest.approx(100.0)
