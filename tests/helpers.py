@@ -94,3 +94,45 @@ def randomise(adapted: AdaptedModel, scale: float = 0.2, seed: int = 3) -> None:
     for comp in adapted.all_components():
         for p in comp.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+# ---------------------------------------------------------------- attention-site behaviour checks
+def check_batched_left_padded_generation(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """Greedy `generate` on a batch whose row 1 is left-padded by 2 equals generating each prompt
+    alone (tokens equal, scores within 1e-4)."""
+    model.generation_config.pad_token_id = 0
+    ids = ids.clone()
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0  # row 1: a shorter prompt, left-padded
+    width = ids.shape[1]
+    kw = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
+    with torch.no_grad():
+        batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        for row, start in ((0, 0), (1, 2)):
+            alone = model.generate(input_ids=ids[row:row + 1, start:], attention_mask=mask[row:row + 1, start:], **kw)
+            assert torch.equal(batched.sequences[row, width:], alone.sequences[0, width - start:])
+            for s_b, s_a in zip(batched.scores, alone.scores):
+                torch.testing.assert_close(s_b[row], s_a[0], rtol=1e-4, atol=1e-4)
+
+
+def check_future_tokens_do_not_leak(model: torch.nn.Module, family: str) -> None:
+    """Changing tokens from position 3 on leaves outputs 0..2 unchanged and changes the rest."""
+    batch = inputs(family)
+    key = "decoder_input_ids" if family == "t5" else "input_ids"
+    other = {k: v.clone() for k, v in batch.items()}
+    other[key][:, 3:] = (other[key][:, 3:] + 7) % 250 + 3
+    a, b = output(model, batch), output(model, other)
+    torch.testing.assert_close(a[:, :3], b[:, :3], rtol=0, atol=1e-6)
+    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-4
+
+
+def check_right_padding_is_ignored(model: torch.nn.Module, family: str) -> None:
+    """Three extra right pads (masked) leave the real tokens' outputs unchanged."""
+    batch = inputs(family)
+    padded = dict(batch)
+    padded["input_ids"] = torch.cat([batch["input_ids"], torch.full((2, 3), 1)], 1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(2, 3, dtype=torch.long)], 1)
+    a, b = output(model, batch), output(model, padded)
+    if family != "t5":  # T5: the decoder's outputs, whose input is unchanged
+        b = b[:, : a.shape[1]]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import inputs, method_cfg, output, randomise, tiny_model
+from helpers import (
+    check_batched_left_padded_generation,
+    check_future_tokens_do_not_leak,
+    check_right_padding_is_ignored,
+    inputs,
+    method_cfg,
+    output,
+    randomise,
+    tiny_model,
+)
 from transformers import DynamicCache
 
 from kpeft.backbones import describe
@@ -130,44 +139,17 @@ def test_incremental_decoding_with_a_kv_cache_equals_full_recompute(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_batched_left_padded_generation_equals_one_by_one(family):
-    model = adapt(family).model
-    model.generation_config.pad_token_id = 0
-    ids = _ids(2, 6)
-    mask = torch.ones_like(ids)
-    ids[1, :2], mask[1, :2] = 0, 0
-    kw = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
-    with torch.no_grad():
-        batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
-        for row, start in ((0, 0), (1, 2)):
-            alone = model.generate(input_ids=ids[row:row + 1, start:], attention_mask=mask[row:row + 1, start:], **kw)
-            assert torch.equal(batched.sequences[row, 6:], alone.sequences[0, 6 - start:])
-            for s_b, s_a in zip(batched.scores, alone.scores):
-                torch.testing.assert_close(s_b[row], s_a[0], rtol=1e-4, atol=1e-4)
+    check_batched_left_padded_generation(adapt(family).model, _ids(2, 6))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
 def test_changing_future_tokens_leaves_earlier_outputs_unchanged(family):
-    model = adapt(family).model
-    batch = inputs(family)
-    key = "decoder_input_ids" if family == "t5" else "input_ids"
-    other = {k: v.clone() for k, v in batch.items()}
-    other[key][:, 3:] = (other[key][:, 3:] + 7) % 250 + 3
-    a, b = output(model, batch), output(model, other)
-    torch.testing.assert_close(a[:, :3], b[:, :3], rtol=0, atol=1e-6)
-    assert (a[:, 3:] - b[:, 3:]).abs().max() > 1e-4
+    check_future_tokens_do_not_leak(adapt(family).model, family)
 
 
 @pytest.mark.parametrize("family", FOUR)
 def test_extra_right_padding_leaves_real_token_outputs_unchanged(family):
-    model = adapt(family).model
-    batch = inputs(family)
-    padded = dict(batch)
-    padded["input_ids"] = torch.cat([batch["input_ids"], torch.full((2, 3), 1)], 1)
-    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(2, 3, dtype=torch.long)], 1)
-    a, b = output(model, batch), output(model, padded)
-    if family != "t5":
-        b = b[:, : a.shape[1]]
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    check_right_padding_is_ignored(adapt(family).model, family)
 
 
 # ---------------------------------------------------------------- the prefix table, training
