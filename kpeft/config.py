@@ -231,6 +231,42 @@ class InducerConfig(ComponentConfig):
     attention: str = "self"  # self | cross | all
 
 
+@dataclass
+class AdapterConfig(ComponentConfig):
+    """Bottleneck adapter (SPEC §7.1, §7.5, §4.6): ``Δ(h) = s·(W_up act(W_down LN_a(h) + b_d) + b_u)``.
+    Sequential placements add Δ(h) to the site's own output h; ``ffn_parallel`` adds Δ(x) of the FFN
+    input x to the FFN output (He et al.'s parallel adapter)."""
+
+    kind: str = "adapter"
+    bottleneck: int = MISSING
+    # block_end: on the block output, after the FFN residual add (Lin et al. / VGLM) | attn_out: on
+    # W_o's output before residual dropout and add (the official pfeiffer-adapter code) | ffn_out:
+    # on the FFN output | ffn_parallel: FFN_out ← FFN(x) + Δ(x) (He et al.)
+    placement: str = "block_end"
+    layernorm: bool = True  # LN_a, the adapter's own trainable LayerNorm on its input
+    act: str = "relu"  # any transformers ACT2FN name (relu, gelu_new, ...)
+    scale: float = 1.0  # s
+    dropout: float = 0.0  # on the bottleneck (after the activation)
+    init: str = "hf_normal"  # hf_normal: N(0, 0.02) weights, zero biases | lora: down Kaiming, up 0 | zero_zero
+
+
+@dataclass
+class CompacterConfig(ComponentConfig):
+    """Compacter (SPEC §7.2): Houlsby-placed adapters whose projections are PHM layers
+    ``W = Σ_i A_i ⊗ (s_i t_iᵀ)``, the n×n×n rule tensor A shared by every PHM layer of the model."""
+
+    kind: str = "compacter"
+    bottleneck: int = MISSING
+    n: int = 4
+    phm_rank: int = 1  # rank of B_i = s_i t_iᵀ
+    shared_rule: bool = True
+    placement: str = "houlsby"  # houlsby (after attention output and FFN output) | ffn_out
+    layernorm: bool = False  # a trainable LayerNorm on each adapter's input
+    act: str = "gelu_new"
+    rule_init_std: float = 1e-4
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (the Compacter recipe)
+
+
 # ---------------------------------------------------------------- method
 @dataclass
 class MethodConfig:
@@ -247,6 +283,44 @@ class MethodConfig:
 @dataclass
 class LoRASize:
     r: int = MISSING
+
+
+@dataclass
+class AdapterSize:
+    """A bottleneck adapter's size (``budget.adapter``: Adapter-r; ``budget.parallel_adapter``)."""
+
+    bottleneck: int = MISSING
+    scale: float = 1.0
+
+
+@dataclass
+class MAMAdapterSize:
+    """He et al.'s MAM adapter: prefix length + parallel FFN adapter (bottleneck, scale)."""
+
+    prefix_length: int = MISSING
+    bottleneck: int = MISSING
+    scale: float = 4.0
+
+
+@dataclass
+class MAMInducerSize:
+    """MAM inducer-tuning ([IT] Table 5, SPEC §4.6): inducer + LoRA on W_q + FFN adapter."""
+
+    r_k: int = MISSING
+    r_v: int = MISSING
+    lora_r: int = MISSING
+    lora_bias: str = "auto"
+    bottleneck: int = MISSING
+    scale: float = 1.0
+    layernorm: bool = False  # the FFN adapter's own LN (the code trains it: 1.62%; paper 1.61% without)
+    init: str = "hf_normal"  # hf_normal (GPT-2 code) | lora (NLU code)
+
+
+@dataclass
+class CompacterSize:
+    bottleneck: int = MISSING
+    n: int = 4
+    layernorm: bool = False
 
 
 @dataclass
@@ -319,6 +393,12 @@ class BudgetConfig:
     inducer_adaptive: InducerSize | None = None
     inducer_extension: InducerSize | None = None
     inducer_lora: InducerLoRASize | None = None
+    # Adapters (SPEC §7.1, §7.2, §7.5, §4.6).
+    adapter: AdapterSize | None = None
+    parallel_adapter: AdapterSize | None = None
+    mam_adapter: MAMAdapterSize | None = None
+    mam_inducer: MAMInducerSize | None = None
+    compacter: CompacterSize | None = None
 
 
 # ---------------------------------------------------------------- task
@@ -422,6 +502,8 @@ COMPONENT_SCHEMAS: dict[str, type] = {
     # ---- Inducer / prefix / adapters ----
     "prefix": PrefixConfig,
     "inducer": InducerConfig,
+    "adapter": AdapterConfig,
+    "compacter": CompacterConfig,
 }
 
 register_configs()

@@ -5,6 +5,7 @@ with ``@register("<kind>")``. A new component module gets one line here.
 """
 
 from kpeft.methods import (  # noqa: F401  (registration: each module registers its component kinds)
+    adapters,  # adapter, compacter (block site)
     inducer,  # inducer (attention site)
     kernelwise,  # kernel_mix, kernel_wise
     kron,  # krona, krona_b, krona_b_res
