@@ -210,7 +210,9 @@ class AttentionSite(nn.Module):
         if mask is None and call.causal and query.shape[-2] > 1:  # an sdpa-style skipped causal mask
             mask = call.causal_mask(logits.dtype)
         scores = logits + mask if mask is not None else logits
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        # At least float32 (fp16/bf16 upcast), never less than the scores' own precision: a float64
+        # row that is fully masked (a left pad) must not turn into -inf everywhere (NaN).
+        probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
         dropped = F.dropout(probs, p=call.dropout, training=module.training)
         out = torch.matmul(dropped, values)  # (B, H, n, p)
         call.logits, call.scores = logits, scores

@@ -52,10 +52,11 @@ VALUE_KINDS = ("extended", "local")
 
 
 def inducer_lambda(a: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """``λ = sigmoid(a − LSE(S))`` = the first column of ``softmax([a; S])`` (float32).
+    """``λ = sigmoid(a − LSE(S))`` = the first column of ``softmax([a; S])`` (at least float32).
 
     `a` ``(..., n)``, `scores` ``(..., n, N)`` (masked entries at the dtype's minimum)."""
-    return torch.sigmoid(a.float() - torch.logsumexp(scores.float(), dim=-1))
+    dtype = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64 (fully masked rows)
+    return torch.sigmoid(a.to(dtype) - torch.logsumexp(scores.to(dtype), dim=-1))
 
 
 class Inducer(AttentionComponent):
