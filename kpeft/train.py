@@ -46,6 +46,8 @@ def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     elif getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
+    if hasattr(task, "prepare_model"):  # NLG tasks: special-token embeddings (kpeft/tasks/nlg.py)
+        task.prepare_model(adapted, cfg.fidelity)
     splits = task.load_splits()
     return adapted, task, splits
 

@@ -44,6 +44,8 @@ class AdaptedModel:
         self.components = components
         self.backbone_total = backbone_total
         self._uncounted: dict[int, nn.Parameter] = {}
+        # Tensors of which only the rows from an offset on train (the NLG task-embedding rows of wte).
+        self._rows_from: dict[int, int] = {}
 
     # ------------------------------------------------------------ trainability
     def all_components(self) -> Iterable[Component]:
@@ -63,9 +65,18 @@ class AdaptedModel:
             p.requires_grad_(train_task_head)
             self.mark_uncounted(p)
 
-    def mark_uncounted(self, param: nn.Parameter) -> None:
-        """Train `param` but leave it out of the budget (task heads, task-embedding rows)."""
+    def mark_uncounted(self, param: nn.Parameter, rows_from: int | None = None) -> None:
+        """Train `param` but leave it out of the budget (task heads, task-embedding rows).
+
+        `rows_from`: only the rows from this index on train (the NLG task embeddings are the new
+        rows of ``wte``; a gradient hook zeroes the others): only they are reported as
+        ``uncounted`` and only they are saved in the adapter state."""
         self._uncounted[id(param)] = param
+        if rows_from is not None:
+            self._rows_from[id(param)] = rows_from
+
+    def _trained_part(self, p: nn.Parameter) -> torch.Tensor:
+        return p[self._rows_from[id(p)]:] if id(p) in self._rows_from else p
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -75,7 +86,7 @@ class AdaptedModel:
         trainable = uncounted = 0
         for _, p in self.trainable_parameters():
             if id(p) in self._uncounted:
-                uncounted += p.numel()
+                uncounted += self._trained_part(p).numel()
             else:
                 trainable += p.numel()
         own = sum(sum(p.numel() for p in c.parameters() if p.requires_grad) for c in self.all_components())
@@ -119,7 +130,7 @@ class AdaptedModel:
         """Only what training changed: trainable tensors (a 0.1% adapter is saved as 0.1%)."""
         if self.merged:
             raise RuntimeError("unmerge() before saving: merged weights would be saved twice")
-        return {n: p.detach().clone().contiguous() for n, p in self.trainable_parameters()}
+        return {n: self._trained_part(p).detach().clone().contiguous() for n, p in self.trainable_parameters()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.merged:
@@ -131,4 +142,4 @@ class AdaptedModel:
             raise KeyError(f"adapter state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for name, value in state.items():
-                params[name].copy_(value)
+                self._trained_part(params[name]).copy_(value)

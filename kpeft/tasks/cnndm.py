@@ -28,7 +28,8 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import rouge as metric
-from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split, read_lines
+from kpeft.tasks.benchmark import Record, canonical_split, read_lines
+from kpeft.tasks.nlg import NLGTask, Segment
 
 FILE_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 # Sentence-final tokens after which no period is added (the hub's cnn_dailymail reader).
@@ -68,8 +69,10 @@ def _hub_order(path: Path, root: Path) -> tuple[int, str]:
     return (1 if "dailymail" in parts or "dm" in parts else 0, path.name)
 
 
-class CNNDM(BenchmarkTask):
-    """CNN/DailyMail data and ROUGE (see the module docstring)."""
+class CNNDM(NLGTask):
+    """CNN/DailyMail data, its GPT-2 encoding (:mod:`kpeft.tasks.nlg`) and ROUGE."""
+
+    special_key = "cnndm"
 
     layout = (
         "CNN/DM as line-aligned {train,val,test}.source / .target files, or the .story files with "
@@ -123,3 +126,37 @@ class CNNDM(BenchmarkTask):
         out["rouge2_vglm"] = metric.rouge2_vglm([" ".join(p.split("\n")) for p in preds],
                                                 [" ".join(r.split("\n")) for r in refs])
         return out
+
+    # ------------------------------------------------------------ GPT-2 encoding (SPEC §10.2)
+    def target_of(self, record: Record) -> str:
+        return " ".join(record["highlights"].split("\n"))
+
+    def segments(self, record: Record, target: str | None) -> list[Segment] | None:
+        """``[<bos_sm>]``, ``[<source_sm>] + src[:400]``, ``[<target_sm>] + tgt[:130] + [<eos_sm>]``;
+        None (dropped) when the source or the target has fewer than 2 tokens."""
+        bos, eos, source, tgt_marker = (self.sid(t) for t in self.special)
+        src = self.ids(record["article"])[: int(self.options.get("max_source_tokens", 400))]
+        tgt = self.ids(self.target_of(record))[: int(self.options.get("max_target_tokens", 130))]
+        if len(src) < 2 or len(tgt) < 2:
+            return None
+        final = [tgt_marker] if target is None else [tgt_marker] + tgt + [eos]
+        return [(bos, [bos]), (source, [source] + src), (tgt_marker, final)]
+
+    def generation_records(self, split: str) -> list[Record]:
+        return [r for r in self.records(split) if self.prompt(r) is not None]
+
+    def score_generations(self, records: list[Record], predictions: list[str]) -> tuple[dict[str, Any], list[dict]]:
+        from rouge_score import rouge_scorer
+
+        refs = [metric.sentences(r["highlights"]) for r in records]
+        preds = [metric.sentences(p) for p in predictions]
+        out = metric.rouge(preds, refs)
+        flat_p, flat_r = [" ".join(p.split("\n")) for p in preds], [" ".join(r.split("\n")) for r in refs]
+        out["rouge2_vglm"] = metric.rouge2_vglm(flat_p, flat_r)
+        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        rows = []
+        for r, p, ref, fp, fr in zip(records, predictions, refs, flat_p, flat_r):
+            sc = scorer.score(ref, metric.sentences(p))
+            rows.append({"id": r["id"], "prediction": p, **{k: 100.0 * v.fmeasure for k, v in sc.items()},
+                         "rouge2_vglm": 100.0 * metric.rouge_n_vglm(fp, fr, 2)})
+        return out, rows

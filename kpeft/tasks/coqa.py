@@ -29,7 +29,8 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import coqa as metric
-from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split
+from kpeft.tasks.benchmark import Record, canonical_split
+from kpeft.tasks.nlg import NLGTask, Segment, flat_metrics
 
 
 def turn_records(story: dict, max_history: int) -> list[Record]:
@@ -57,8 +58,10 @@ def story_from_hub(row: dict, index: int, split: str) -> dict:
             "questions": questions, "answers": answers}
 
 
-class CoQA(BenchmarkTask):
-    """CoQA data and its official scorer (see the module docstring)."""
+class CoQA(NLGTask):
+    """CoQA data, its GPT-2 encoding (:mod:`kpeft.tasks.nlg`) and official scorer."""
+
+    special_key = "coqa"
 
     hub_path, hub_name = "coqa", None
     hub_splits = {"train": "train", "test": "validation"}
@@ -126,3 +129,43 @@ class CoQA(BenchmarkTask):
         golds, sources = metric.gold_from_json({"data": self.stories(split)},
                                                require_additional=split == "test" and bool(self.cfg.data_dir))
         return metric.evaluate(golds, sources, predictions)
+
+    # ------------------------------------------------------------ GPT-2 encoding (SPEC §10.2)
+    def target_of(self, record: Record) -> str:
+        return record["answer"]
+
+    def segments(self, record: Record, target: str | None) -> list[Segment]:
+        """``[<bos_qa>, <document>] + document[:max_document_tokens]`` (typed ``<document>``), the
+        history utterances (ending with this question) each ``[<question>]+q`` / ``[<answer>]+a``,
+        then ``[<answer>] + answer + [<eos_qa>]``."""
+        bos, eos, question, answer, document = (self.sid(t) for t in self.special)
+        doc = self.ids(record["story"])[: int(self.options.get("max_document_tokens", 400))]
+        segs: list[Segment] = [(document, [bos, document] + doc)]
+        history = record["history"]
+        for k, utterance in enumerate(history):
+            kind = question if (len(history) - 1 - k) % 2 == 0 else answer
+            segs.append((kind, [kind] + self.ids(utterance)))
+        segs.append((answer, [answer] if target is None else [answer] + self.ids(target) + [eos]))
+        return segs
+
+    def score_generations(self, records: list[Record], predictions: list[str]) -> tuple[dict[str, Any], list[dict]]:
+        preds = {(r["id"], r["turn_id"]): p for r, p in zip(records, predictions)}
+        golds = {(r["id"], r["turn_id"]): r["golds"] for r in records}
+        sources = {r["id"]: r["source"] for r in records}
+        rows = []
+        for r, p in zip(records, predictions):
+            em, f1 = metric.turn_score(r["golds"], p)
+            rows.append({"id": r["id"], "turn_id": r["turn_id"], "answer": p, "golds": r["golds"], "em": em, "f1": f1})
+        return flat_metrics(metric.evaluate(golds, sources, preds)), rows
+
+    def evaluate_generation(self, model, split: str, run_dir=None, batch_size: int = 16) -> dict[str, Any]:
+        """As :meth:`NLGTask.evaluate_generation`, plus the official prediction JSON
+        ``<run_dir>/generations/<split>.coqa.json`` (``[{"id", "turn_id", "answer"}]``)."""
+        metrics = super().evaluate_generation(model, split, run_dir, batch_size)
+        if run_dir is not None:
+            folder = Path(run_dir) / "generations"
+            with open(folder / f"{split}.jsonl", encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f]
+            official = [{"id": r["id"], "turn_id": r["turn_id"], "answer": r["answer"]} for r in rows]
+            (folder / f"{split}.coqa.json").write_text(json.dumps(official), encoding="utf-8")
+        return metrics

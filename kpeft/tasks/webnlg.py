@@ -35,7 +35,8 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import webnlg as metric
-from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split
+from kpeft.tasks.benchmark import Record, canonical_split
+from kpeft.tasks.nlg import NLGTask, Segment, flat_metrics
 
 XML_DIRS = {"train": "train", "validation": "dev"}
 TEST_XML = "test/testdata_with_lex.xml"
@@ -141,8 +142,10 @@ def training_examples(entries: list[Record]) -> list[Record]:
     return out
 
 
-class WebNLG(BenchmarkTask):
-    """WebNLG 2017 challenge data and its official scorer (see the module docstring)."""
+class WebNLG(NLGTask):
+    """WebNLG 2017 challenge data, its GPT-2 encoding (:mod:`kpeft.tasks.nlg`) and official scorer."""
+
+    special_key = "webnlg"
 
     layout = (
         "the WebNLG 2017 challenge files: train/<n>triples/*.xml, dev/<n>triples/*.xml and "
@@ -183,3 +186,36 @@ class WebNLG(BenchmarkTask):
         self.check_count(predictions, len(entries), "entries", canonical_split(split))
         mode = self.options.get("meteor", "jar")
         return metric.evaluate(predictions, [e["references"] for e in entries], [e["category"] for e in entries], meteor=mode)
+
+    # ------------------------------------------------------------ GPT-2 encoding (SPEC §10.2)
+    def target_of(self, record: Record) -> str:
+        return record["target"]
+
+    def segments(self, record: Record, target: str | None) -> list[Segment]:
+        """``[<bos_webnlg>]``, then per triple ``[<subject>]+s``, ``[<property>]+p``, ``[<object>]+o``,
+        then ``[<target_webnlg>] + target + [<eos_webnlg>]``; each segment typed by its special token."""
+        bos, eos, subj, prop, obj, tgt = (self.sid(t) for t in self.special)
+        segs: list[Segment] = [(bos, [bos])]
+        for s, p, o in record["triples"]:
+            segs += [(subj, [subj] + self.ids(s)), (prop, [prop] + self.ids(p)), (obj, [obj] + self.ids(o))]
+        segs.append((tgt, [tgt] if target is None else [tgt] + self.ids(target) + [eos]))
+        return segs
+
+    def loss_records(self, split: str) -> list[Record]:
+        split = canonical_split(split)
+        return training_examples(self.entries(split)) if split == "test" else self.records(split)
+
+    def generation_records(self, split: str) -> list[Record]:
+        """One generation per entry (unique tripleset), scored against all its references."""
+        return self.entries(split)
+
+    def score_generations(self, records: list[Record], predictions: list[str]) -> tuple[dict[str, Any], list[dict]]:
+        import sacrebleu
+
+        refs = [e["references"] for e in records]
+        scores = metric.evaluate(predictions, refs, [e["category"] for e in records],
+                                 meteor=self.options.get("meteor", "jar"))
+        rows = [{"id": e["id"], "eid": e["eid"], "subset": e["subset"], "prediction": p, "references": e["references"],
+                 "sentence_bleu": sacrebleu.sentence_bleu(p, list(e["references"][:3])).score}
+                for e, p in zip(records, predictions)]
+        return flat_metrics(scores), rows

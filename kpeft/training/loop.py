@@ -116,8 +116,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "test") -> dict[str, float]:
-        """The task's metrics (and NLL) on a split, summed over all processes."""
+        """The task's metrics (and NLL) on a split, summed over all processes.
+
+        A task with ``evaluate_generation(model, split, run_dir, batch_size)`` (the NLG tasks,
+        :mod:`kpeft.tasks.nlg`) is scored on its generations instead (every process decodes the
+        whole split; the main one writes ``<run_dir>/generations/``)."""
         self.model.eval()
+        if hasattr(self.task, "evaluate_generation"):
+            run_dir = self.run_dir if self.acc.is_main_process else None
+            metrics = self.task.evaluate_generation(self.model, split, run_dir, self.tcfg.eval_batch_size)
+            metrics["loss"] = self.evaluate_loss(split)
+            return metrics
         totals: dict[str, float] = {}
         for batch in eval_batches(self.splits[split], self.tcfg.eval_batch_size, self.acc.process_index,
                                   self.world, self.task.collate):
@@ -199,6 +208,8 @@ class Trainer:
             total_loss += loss_sum.detach()
         if self.tcfg.max_grad_norm and self.tcfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm)
+        if hasattr(self.task, "after_clip"):  # NLG task embeddings, fidelity=code (kpeft/tasks/nlg.py)
+            self.task.after_clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

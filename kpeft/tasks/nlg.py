@@ -1,0 +1,247 @@
+"""The GPT-2 (VGLM / Kernel-mix code) encoding of the NLG benchmarks (SPEC §10.1–10.4).
+
+Shared by :class:`~kpeft.tasks.webnlg.WebNLG`, :class:`~kpeft.tasks.coqa.CoQA` and
+:class:`~kpeft.tasks.cnndm.CNNDM` through :class:`NLGTask`:
+
+* **vocabulary** — ``<pad>`` and the task's special tokens are added to the tokenizer
+  (``task.options.all_special_tokens=true``: all 15 of the official code, in its order:
+  ``<pad>``, CoQA, CNN/DM, WebNLG → vocabulary 50,273);
+* **encoding** — segments ``(type, ids)``; ``input_ids`` = their concatenation, ``token_type_ids``
+  = each segment's type (a special-token id) over its tokens (GPT-2 adds ``wte(token_type_ids)``
+  to the input, i.e. the task embeddings), ``labels`` = −100 except the final segment after its
+  first token (target + eos). Each string is tokenised separately without a leading space;
+* **task embeddings** (:meth:`NLGTask.prepare_model`, after the method is installed): the
+  embeddings are resized to the tokenizer, the rows beyond the backbone's vocabulary re-initialised
+  N(0, ``initializer_range``); ``wte`` (tied to the LM head) is made trainable with a gradient
+  hook that zeroes the rows of the original vocabulary (so the zeroing precedes clipping), and it
+  is marked uncounted for the number of new rows only: the budget stays the papers';
+* **generation** (:meth:`NLGTask.evaluate_generation`, called by ``Trainer.evaluate``): batched
+  greedy decoding with a KV cache (:mod:`kpeft.training.decode`), stopping on any of the task's
+  special tokens or after ``task.options.max_new_tokens`` (40), ``task.options.generation_batch_size``
+  prompts at a time (default ``train.eval_batch_size``); the task's official scorer; the
+  predictions and per-example scores in ``<run_dir>/generations/<split>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kpeft.errors import KpeftError
+from kpeft.tasks.base import IGNORE, Example, _pad
+from kpeft.tasks.benchmark import BenchmarkTask, Record
+
+log = logging.getLogger(__name__)
+
+PAD = "<pad>"
+SPECIAL_TOKENS = {
+    "coqa": ("<bos_qa>", "<eos_qa>", "<question>", "<answer>", "<document>"),
+    "cnndm": ("<bos_sm>", "<eos_sm>", "<source_sm>", "<target_sm>"),
+    "webnlg": ("<bos_webnlg>", "<eos_webnlg>", "<subject>", "<property>", "<object>", "<target_webnlg>"),
+}
+ALL_SPECIAL_TOKENS = tuple(t for name in ("coqa", "cnndm", "webnlg") for t in SPECIAL_TOKENS[name])
+
+Segment = tuple[int, list[int]]
+
+
+def build_example(segments: Sequence[Segment]) -> Example:
+    """``input_ids``, ``token_type_ids`` and ``labels`` of `segments` (the last one is the target:
+    its first token, a special token, is not scored)."""
+    ids, types, labels = [], [], []
+    for k, (seg_type, seg) in enumerate(segments):
+        ids += seg
+        types += [seg_type] * len(seg)
+        labels += ([IGNORE] + seg[1:]) if k == len(segments) - 1 else [IGNORE] * len(seg)
+    return {"input_ids": ids, "token_type_ids": types, "labels": labels}
+
+
+class NLGTask(BenchmarkTask):
+    """A benchmark with the GPT-2 special-token encoding; subclasses give :meth:`segments`."""
+
+    #: ``SPECIAL_TOKENS`` key; its first two entries are bos and eos, the last the target marker.
+    special_key: str = ""
+
+    def __init__(self, cfg, tokenizer=None, pad_token_id: int = 0):
+        super().__init__(cfg, tokenizer, pad_token_id)
+        self.n_original: int | None = None  # the tokenizer's vocabulary before the special tokens
+        if tokenizer is not None:
+            self.n_original = len(tokenizer)
+            tokens = ALL_SPECIAL_TOKENS if self.options.get("all_special_tokens", False) else SPECIAL_TOKENS[self.special_key]
+            tokenizer.add_special_tokens({"pad_token": PAD, "additional_special_tokens": list(tokens)})
+            self.pad_token_id = tokenizer.convert_tokens_to_ids(PAD)
+
+    # ------------------------------------------------------------ tokens
+    @property
+    def special(self) -> tuple[str, ...]:
+        return SPECIAL_TOKENS[self.special_key]
+
+    def sid(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.sid(t) for t in self.special]
+
+    def ids(self, text: str) -> list[int]:
+        """`text` tokenised on its own, without a leading space (the official code's way)."""
+        return self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize(text))
+
+    # ------------------------------------------------------------ encoding
+    def segments(self, record: Record, target: str | None) -> list[Segment] | None:  # pragma: no cover
+        """The record's segments; the final one is ``[marker] + target + [eos]`` (or just
+        ``[marker]`` when `target` is None: the generation prompt). None drops the record."""
+        raise NotImplementedError
+
+    def target_of(self, record: Record) -> str:  # pragma: no cover
+        raise NotImplementedError
+
+    def encode(self, record: Record) -> Example | None:
+        segs = self.segments(record, self.target_of(record))
+        return None if segs is None else build_example(segs)
+
+    def prompt(self, record: Record) -> tuple[list[int], list[int]] | None:
+        """(input ids, token types) of the generation prompt, ending with the target marker."""
+        segs = self.segments(record, None)
+        if segs is None:
+            return None
+        ex = build_example(segs)
+        return ex["input_ids"], ex["token_type_ids"]
+
+    def _cap(self, items: list, split: str) -> list:
+        key = "max_train_examples" if split == "train" else "max_eval_examples"
+        cap = self.options.get(key)
+        return items if cap is None else items[: int(cap)]
+
+    def loss_records(self, split: str) -> list[Record]:
+        """The records whose targets give the split's loss (default: :meth:`records`)."""
+        return self.records(split)
+
+    def generation_records(self, split: str) -> list[Record]:
+        """What is generated for and scored on `split` (default: :meth:`records`)."""
+        return self.records(split)
+
+    def load_splits(self) -> dict[str, list[Example]]:
+        if self.tokenizer is None:
+            raise KpeftError(f"task '{self.name}' needs the GPT-2 tokenizer (model.tokenizer=DIR)")
+        out = {}
+        for split in ("train", "validation", "test"):
+            key = "max_train_examples" if split == "train" else "max_eval_examples"
+            cap = self.options.get(key)
+            out[split] = []
+            for record in self.loss_records(split):  # encode lazily: a cap avoids tokenising it all
+                if cap is not None and len(out[split]) >= int(cap):
+                    break
+                encoded = self.encode(record)
+                if encoded is not None:
+                    out[split].append(encoded)
+        return out
+
+    # ------------------------------------------------------------ batching and loss
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        batch = super().collate(examples)
+        width = batch["input_ids"].shape[1]
+        batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], width, self.pad_token_id)
+        return batch
+
+    def logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"])
+        return out.logits[:, :-1], batch["labels"][:, 1:]
+
+    # ------------------------------------------------------------ task embeddings
+    def prepare_model(self, adapted, fidelity: str = "paper") -> None:
+        """Resize the embeddings to the tokenizer, re-initialise the new rows, train only them
+        (gradient hook on ``wte``) and keep them out of the budget (see the module docstring).
+
+        ``fidelity="code"`` (SPEC §12 item 13): no hook; :meth:`after_clip` zeroes the original
+        rows' gradient *after* clipping, so the clipping norm includes the full-vocabulary
+        output-embedding gradient, as in the official ``nlg/train.py``."""
+        model = adapted.model
+        was_trainable = model.get_input_embeddings().weight.requires_grad
+        old = model.get_input_embeddings().weight.shape[0]
+        new = len(self.tokenizer)
+        if new > old:
+            model.resize_token_embeddings(new, mean_resizing=False)
+        wte = model.get_input_embeddings().weight
+        std = float(getattr(model.config, "initializer_range", 0.02))
+        with torch.no_grad():
+            first_new = min(old, self.n_original or old)
+            wte[first_new:].normal_(0.0, std)
+        if was_trainable:  # full fine-tuning (or a method training wte): already counted
+            return
+        keep_from = first_new
+        wte.requires_grad_(True)
+
+        def zero_original_rows(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[:keep_from] = 0
+            return grad
+
+        if fidelity == "code":
+            self._zero_after_clip = (wte, keep_from)
+        else:
+            wte.register_hook(zero_original_rows)
+        adapted.mark_uncounted(wte, rows_from=keep_from)  # only the new rows count, and are saved
+
+    def after_clip(self) -> None:
+        """Called by the training loop between clipping and the optimizer step (``fidelity=code``)."""
+        target = getattr(self, "_zero_after_clip", None)
+        if target is not None and target[0].grad is not None:
+            target[0].grad[: target[1]] = 0
+
+    # ------------------------------------------------------------ generation
+    def max_new_tokens(self) -> int:
+        return int(self.options.get("max_new_tokens", 40))
+
+    def generate(self, model, records: Sequence[Record], batch_size: int = 16) -> list[str]:
+        from kpeft.training.decode import greedy_decode
+
+        prompts = [self.prompt(r) for r in records]
+        outputs = greedy_decode(
+            model, [p[0] for p in prompts], token_types=[p[1] for p in prompts],
+            gen_token_type=prompts[0][1][-1] if prompts else None, max_new_tokens=self.max_new_tokens(),
+            stop_ids=self.stop_ids, pad_id=self.pad_token_id, batch_size=batch_size,
+        )
+        return [self.tokenizer.decode(o, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+                for o in outputs]
+
+    def score_generations(self, records: list[Record], predictions: list[str]) -> tuple[dict[str, Any], list[dict]]:
+        """(metrics, per-example rows) of `predictions` for `records`."""  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate_generation(self, model, split: str, run_dir: str | Path | None = None,
+                            batch_size: int = 16) -> dict[str, Any]:
+        """Generate for the split, score it officially, write ``generations/<split>.jsonl``."""
+        model.eval()
+        records = self._cap(self.generation_records(split), split)
+        if not records:
+            return {}
+        batch_size = int(self.options.get("generation_batch_size") or batch_size)
+        predictions = self.generate(getattr(model, "module", model), records, batch_size)
+        metrics, rows = self.score_generations(records, predictions)
+        if run_dir is not None:
+            path = Path(run_dir) / "generations" / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            log.info("%d generations of split %s written to %s", len(rows), split, path)
+        return metrics
+
+
+def flat_metrics(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"bleu": {"all": x}}`` → ``{"bleu_all": x}`` (records keep numbers at the top level)."""
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, f"{key}_"))
+        else:
+            out[key] = v
+    return out
