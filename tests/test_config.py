@@ -64,7 +64,7 @@ def test_every_method_yaml_composes(name):
 
 @pytest.mark.parametrize("name", BUDGETS)
 def test_every_budget_yaml_composes(name):
-    cfg = compose([f"budget={name}"])
+    cfg = compose(["method=lora", f"budget={name}"])  # every budget sizes LoRA
     assert OmegaConf.get_type(cfg.budget) is BudgetConfig
     assert cfg.budget.name == name
     assert cfg.budget.paper_pct is None or 0 < cfg.budget.paper_pct < 100
@@ -120,7 +120,7 @@ def test_lora_yaml_values_reach_the_typed_component():
 )
 def test_a_misspelt_key_names_the_key_and_the_valid_fields(override):
     with pytest.raises(KpeftError) as info:
-        compose([override])
+        compose(["method=lora", "budget=small", override])
     msg = str(info.value)
     assert "method.components.lora.rr" in msg
     assert "unknown key" in msg and "alpha" in msg and "targets" in msg  # the schema's fields
@@ -143,7 +143,7 @@ def test_a_misspelt_top_level_key_is_an_error():
 )
 def test_a_wrong_type_names_the_key_and_the_reason(override, key, why):
     with pytest.raises(KpeftError) as info:
-        compose([override])
+        compose(["method=lora", "budget=small", override])
     msg = str(info.value)
     assert key in msg and why in msg
     assert "\n" not in msg
@@ -182,4 +182,4 @@ def test_a_method_that_cannot_meet_a_budget_says_which_budgets_can():
 
 def test_a_missing_method_value_says_to_set_it():
     with pytest.raises(KpeftError, match=r"missing value method\.components\.lora\.r; set it"):
-        compose(["method.components.lora.r=???"])
+        compose(["method=lora", "budget=small", "method.components.lora.r=???"])
