@@ -33,7 +33,7 @@ from transformers.activations import ACT2FN
 
 from kpeft.backbones.anatomy import Layer
 from kpeft.methods.base import Component
-from kpeft.methods.block import BlockComponent, attach_parallel_ffn
+from kpeft.methods.block import BlockComponent, add_child, attach_parallel_ffn, remove_child
 from kpeft.methods.parameters import LayerNormTuning
 from kpeft.methods.registry import BuildContext, register
 
@@ -61,23 +61,13 @@ class SequentialHandle:
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-        siblings = self.module._modules.get(SEQUENTIAL_ATTR)
-        if siblings is not None:
-            rest = [m for m in siblings if m is not self.component]
-            if rest:
-                self.module._modules[SEQUENTIAL_ATTR] = nn.ModuleList(rest)
-            else:
-                del self.module._modules[SEQUENTIAL_ATTR]
+        remove_child(self.module, SEQUENTIAL_ATTR, self.component)
         self.component.handle = None
 
 
 def attach_sequential(module: nn.Module, component: Component) -> SequentialHandle:
     """``out ← out + component(out)`` on `module`'s output (before whatever follows it)."""
-    siblings = module._modules.get(SEQUENTIAL_ATTR)
-    if siblings is None:
-        siblings = nn.ModuleList()
-        module.add_module(SEQUENTIAL_ATTR, siblings)
-    siblings.append(component)
+    add_child(module, SEQUENTIAL_ATTR, component)
     handle = SequentialHandle(module, component)
     handle.hook = module.register_forward_hook(handle._add)
     component.handle = handle

@@ -41,6 +41,28 @@ from kpeft.methods.base import Component
 PARALLEL_ATTR = "kpeft_parallel"
 
 
+def add_child(module: nn.Module, attr: str, component: nn.Module) -> None:
+    """Register `component` in the ModuleList ``module.<attr>`` (created on first use), so that the
+    model saves it and DDP sees its parameters."""
+    siblings = module._modules.get(attr)
+    if siblings is None:
+        siblings = nn.ModuleList()
+        module.add_module(attr, siblings)
+    siblings.append(component)
+
+
+def remove_child(module: nn.Module, attr: str, component: nn.Module) -> None:
+    """Undo :func:`add_child` (the list goes when it is empty)."""
+    siblings = module._modules.get(attr)
+    if siblings is None:
+        return
+    rest = [m for m in siblings if m is not component]
+    if rest:
+        module._modules[attr] = nn.ModuleList(rest)
+    else:
+        del module._modules[attr]
+
+
 class BlockComponent(Component):
     """A module at the block site: ``forward(x)`` maps the sub-layer input ``(..., d_in)`` to
     what is added to the sub-layer output ``(..., d_out)``. Not mergeable: it runs at inference."""
@@ -101,13 +123,7 @@ class ParallelHandle:
             hook.remove()
         self.hooks = []
         self._captured.clear()
-        siblings = self.entry._modules.get(PARALLEL_ATTR)
-        if siblings is not None:
-            rest = [m for m in siblings if m is not self.component]
-            if rest:
-                self.entry._modules[PARALLEL_ATTR] = nn.ModuleList(rest)
-            else:
-                del self.entry._modules[PARALLEL_ATTR]
+        remove_child(self.entry, PARALLEL_ATTR, self.component)
         self.component.handle = None
 
 
@@ -118,11 +134,7 @@ def attach_parallel(entry: nn.Module, exit: nn.Module, component: BlockComponent
     The component is registered as a submodule of `entry`; returns the removable handle (also
     kept as ``component.handle``).
     """
-    siblings = entry._modules.get(PARALLEL_ATTR)
-    if siblings is None:
-        siblings = nn.ModuleList()
-        entry.add_module(PARALLEL_ATTR, siblings)
-    siblings.append(component)
+    add_child(entry, PARALLEL_ATTR, component)
     handle = ParallelHandle(entry, exit, component)
     handle.hooks = [
         entry.register_forward_pre_hook(handle._capture, with_kwargs=True),
