@@ -136,3 +136,27 @@ def check_right_padding_is_ignored(model: torch.nn.Module, family: str) -> None:
     if family != "t5":  # T5: the decoder's outputs, whose input is unchanged
         b = b[:, : a.shape[1]]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def check_merge_round_trip(adapted, batch: dict[str, torch.Tensor], branches, unmerged: torch.Tensor) -> None:
+    """``merge()``: only the backbone graph runs (no branch is called) and it gives the unmerged
+    outputs (≤ 1e-5); ``unmerge()``: every parameter comes back (≤ 1e-6) and the branches run again."""
+    model = adapted.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert adapted.mergeable and not adapted.merged
+    adapted.merge()
+    assert adapted.merged
+    calls: list[int] = []
+    hooks = [b.register_forward_hook(lambda *_: calls.append(1)) for b in branches]
+    try:
+        torch.testing.assert_close(output(model, batch), unmerged, rtol=1e-5, atol=1e-5)
+        assert calls == []  # merged: the plain backbone graph runs
+        adapted.unmerge()
+        assert not adapted.merged
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), before[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(output(model, batch), unmerged, rtol=1e-5, atol=1e-5)
+        assert len(calls) == len(hooks)  # unmerged: every branch runs again
+    finally:
+        for h in hooks:
+            h.remove()
