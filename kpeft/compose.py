@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -54,6 +54,21 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         raise KpeftError(_composition_error(err)) from None
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
+    return apply_method_train(cfg)
+
+
+def apply_method_train(cfg: DictConfig) -> DictConfig:
+    """Merge ``method_train[<method name>]`` (an experiment's per-method hyper-parameters) into
+    ``train``; a key that ``train`` does not have is an error naming it."""
+    extra = (cfg.get("method_train") or {}).get(cfg.method.name)
+    if not extra:
+        return cfg
+    try:
+        merged = OmegaConf.merge(cfg.train, extra)
+    except OmegaConfBaseException as err:
+        raise KpeftError(f"method_train.{cfg.method.name}: {_one_line(err)}") from None
+    with open_dict(cfg):
+        cfg.train = merged
     return cfg
 
 

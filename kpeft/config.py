@@ -472,6 +472,9 @@ class Config:
     output_root: str = "results/runs"
     run_dir: str = MISSING
     split: str = "test"
+    # Per-method training overrides of an experiment preset: {method name: {train key: value}},
+    # merged into `train` when the run starts (e.g. a higher lr for BitFit than for full FT).
+    method_train: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

@@ -24,7 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
-from kpeft.compose import check_choices, check_method_fits_budget, check_unknown_keys, compose
+from kpeft.compose import (
+    apply_method_train,
+    check_choices,
+    check_method_fits_budget,
+    check_unknown_keys,
+    compose,
+)
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
@@ -74,6 +80,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return read_record(run_dir)
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
+    cfg = apply_method_train(cfg)
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.train.deterministic)
     accelerator = make_accelerator(cfg.train)
@@ -90,7 +97,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["untrained"] = trainer.evaluate(cfg.split)
     state = trainer.fit()
     trainer.load_best()
-    metrics[cfg.split] = trainer.evaluate(cfg.split)
+    metrics[cfg.split] = trainer.evaluate(cfg.split, save_examples=True)
     metrics["validation_loss"] = _finite(state.best_val_loss)
     record = {
         "status": "complete",

@@ -183,3 +183,25 @@ def test_a_method_that_cannot_meet_a_budget_says_which_budgets_can():
 def test_a_missing_method_value_says_to_set_it():
     with pytest.raises(KpeftError, match=r"missing value method\.components\.lora\.r; set it"):
         compose(["method=lora", "budget=small", "method.components.lora.r=???"])
+
+
+def test_method_train_overrides_reach_only_their_method():
+    """An experiment's per-method hyper-parameters (method_train) are merged into `train`."""
+    over = ["+method_train.bitfit.lr=0.005", "+method_train.lora.epochs=7", "budget=nlu"]
+    bitfit = compose(["method=bitfit", *over])
+    lora = compose(["method=lora", *over])
+    default_lr = compose(["method=lora"]).train.lr
+    assert lora.train.epochs == 7 and lora.train.lr == default_lr
+    assert bitfit.train.lr == 0.005
+
+
+def test_method_train_with_an_unknown_train_key_names_it():
+    with pytest.raises(KpeftError, match="method_train.lora.*lrr"):
+        compose(["method=lora", "+method_train.lora.lrr=1"])
+
+
+def test_nlu_mini_preset_composes_with_its_per_method_learning_rates():
+    cfg = compose(["experiment=nlu_mini", "method=bitfit"])
+    assert (cfg.model.name, cfg.task.name, cfg.budget.name) == ("minilm_l6", "glue_sst2", "nlu")
+    assert cfg.train.lr == 5e-3 and cfg.task.options.train_file == "train_subset_2000.tsv"
+    assert compose(["experiment=nlu_mini", "method=finetune"]).train.lr == 5e-5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,9 @@ def test_encoder_classification_trains_with_bitfit(make_cfg):
     # The classifier trains but is not counted; BitFit's biases are.
     assert rec["params"]["uncounted"] == 32 * 2 + 2
     assert rec["params"]["trainable"] > 0 and 0 <= rec["score"] <= 100
+    # Per-example scores for paired significance tests: one row per test example, in order,
+    # whose mean is the recorded accuracy.
+    rows = [json.loads(line) for line in open(Path(rec["run_dir"]) / "predictions" / "test.jsonl")]
+    assert [r["index"] for r in rows] == list(range(32))
+    assert all(r["score"] == float(r["prediction"] == r["label"]) for r in rows)
+    assert 100 * sum(r["score"] for r in rows) / 32 == pytest.approx(rec["score"])

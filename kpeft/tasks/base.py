@@ -118,6 +118,20 @@ class Task:
 
     # ------------------------------------------------------------ metrics
     @torch.no_grad()
+    def example_scores(self, model, batch: dict[str, torch.Tensor]) -> list[dict[str, float]] | None:
+        """Per-example prediction, label and score (1/0 correct; regression: −squared error) of a
+        classification batch, for paired significance tests; None for other kinds."""
+        if self.kind != "classification":
+            return None
+        logits, labels = self.logits_and_labels(model, batch)
+        if self.cfg.num_labels == 1:
+            pred = logits.squeeze(-1).float()
+            return [{"prediction": p, "label": y, "score": -((p - y) ** 2)}
+                    for p, y in zip(pred.tolist(), labels.float().tolist())]
+        pred = logits.argmax(-1)
+        return [{"prediction": p, "label": y, "score": float(p == y)} for p, y in zip(pred.tolist(), labels.tolist())]
+
+    @torch.no_grad()
     def batch_metrics(self, model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Summable statistics of one batch; :meth:`finalize` turns their totals into metrics."""
         logits, labels = self.logits_and_labels(model, batch)

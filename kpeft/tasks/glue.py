@@ -29,6 +29,9 @@ Split protocols (``task.options.protocol``):
   with the dev set as validation, or as ``validation`` with the dev set as test
   (``krona_heldout: validation``, Compacter's code). Derived subsets keep file order.
 
+``task.options.train_file=NAME`` reads the training set from another TSV of the same layout in
+``task.data_dir`` (e.g. ``train_subset_2000.tsv``, the shared SST-2 sample).
+
 ``python -m kpeft.score task=glue_<t> predictions=FILE``: one prediction per test example (a label
 index, a label name, or an STS-B score); the task's official metrics (:mod:`kpeft.metrics.glue`).
 """
@@ -191,6 +194,8 @@ class Glue(BenchmarkTask):
             self.root(["dev_matched.tsv", "dev_mismatched.tsv"])
             return _reindex(read_tsv(root / "dev_matched.tsv", spec, "matched")
                             + read_tsv(root / "dev_mismatched.tsv", spec, "mismatched"))
+        if which == "train" and self.options.get("train_file"):  # e.g. a subset of train.tsv
+            return read_tsv(self.root([self.options.train_file]) / self.options.train_file, spec)
         if (root / f"{which}.tsv").is_file():
             return read_tsv(root / f"{which}.tsv", spec)
         if spec.name == "rte" and (root / f"{'val' if which == 'dev' else which}.jsonl").is_file():

@@ -10,6 +10,7 @@ killed run resumable with identical results.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -115,8 +116,9 @@ class Trainer:
         return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
     @torch.no_grad()
-    def evaluate(self, split: str = "test") -> dict[str, float]:
-        """The task's metrics (and NLL) on a split, summed over all processes.
+    def evaluate(self, split: str = "test", save_examples: bool = False) -> dict[str, float]:
+        """The task's metrics (and NLL) on a split, summed over all processes; with `save_examples`
+        a classification task's per-example scores go to ``<run_dir>/predictions/<split>.jsonl``.
 
         A task with ``evaluate_generation(model, split, run_dir, batch_size)`` (the NLG tasks,
         :mod:`kpeft.tasks.nlg`) is scored on its generations instead (every process decodes the
@@ -136,7 +138,36 @@ class Trainer:
         vec = self.acc.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.acc.device), "sum")
         metrics = self.task.finalize(dict(zip(keys, vec.tolist())))
         metrics["loss"] = self.evaluate_loss(split)
+        if save_examples:
+            self._write_example_scores(split)
         return metrics
+
+    def _write_example_scores(self, split: str) -> None:
+        """``<run_dir>/predictions/<split>.jsonl``: one row per example in split order (index,
+        prediction, label, score), gathered from every process; the paired bootstrap reads it."""
+        rows: list[dict[str, Any]] = []
+        mine = list(range(self.acc.process_index, len(self.splits[split]), self.world))
+        batches = eval_batches(self.splits[split], self.tcfg.eval_batch_size, self.acc.process_index,
+                               self.world, self.task.collate)
+        for batch in batches:
+            scored = self.task.example_scores(self.model, self._to_device(batch))
+            if scored is None:
+                return
+            rows.extend(scored)
+        for index, row in zip(mine, rows):
+            row["index"] = index
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        if self.acc.is_main_process:
+            path = self.run_dir / "predictions" / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".jsonl.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in sorted(rows, key=lambda r: r["index"]):
+                    f.write(json.dumps({"index": row["index"], **{k: row[k] for k in ("prediction", "label", "score")}}) + "\n")
+            tmp.replace(path)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.acc.device) for k, v in batch.items()}
