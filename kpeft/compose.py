@@ -58,17 +58,39 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def apply_method_train(cfg: DictConfig) -> DictConfig:
-    """Merge ``method_train[<method name>]`` (an experiment's per-method hyper-parameters) into
-    ``train``; a key that ``train`` does not have is an error naming it."""
-    extra = (cfg.get("method_train") or {}).get(cfg.method.name)
+    """Apply an experiment preset's per-task and per-method settings when a run starts:
+
+    1. ``task_overrides[<task name>]``, a partial root config, into the root;
+    2. ``method_train[<method name>]`` (per-method hyper-parameters) into ``train``, then its
+       ``by_task[<task name>]`` entry (a paper's per-task values for that method, e.g.
+       ``{lr: 1.0e-3, by_task: {coqa: {lr: 5.0e-3, batch_size: 8}}}``);
+    3. ``method_overrides[<method name>]`` (a partial method config) into ``method``, then its
+       ``by_task[<task name>]`` entry (e.g. KronA's per-task factor shapes, Table 16).
+
+    A key that the target does not have is an error naming it."""
+    extra = (cfg.get("task_overrides") or {}).get(cfg.task.name)
+    if extra:
+        try:
+            cfg = OmegaConf.merge(cfg, extra)
+        except OmegaConfBaseException as err:
+            raise KpeftError(f"task_overrides.{cfg.task.name}: {_one_line(err)}") from None
+    cfg = _merge_method_table(cfg, "method_train", "train")
+    return _merge_method_table(cfg, "method_overrides", "method")
+
+
+def _merge_method_table(cfg: DictConfig, table: str, target: str) -> DictConfig:
+    """Merge ``<table>[<method>]`` and its ``by_task[<task>]`` entry into ``cfg.<target>``."""
+    extra = (cfg.get(table) or {}).get(cfg.method.name)
     if not extra:
         return cfg
+    by_task = extra.get("by_task") or {}
+    layers = [{k: v for k, v in extra.items() if k != "by_task"}, by_task.get(cfg.task.name) or {}]
     try:
-        merged = OmegaConf.merge(cfg.train, extra)
+        merged = OmegaConf.merge(cfg[target], *layers)
     except OmegaConfBaseException as err:
-        raise KpeftError(f"method_train.{cfg.method.name}: {_one_line(err)}") from None
+        raise KpeftError(f"{table}.{cfg.method.name}: {_one_line(err)}") from None
     with open_dict(cfg):
-        cfg.train = merged
+        cfg[target] = merged
     return cfg
 
 

@@ -66,6 +66,7 @@ class LoRAConfig(ComponentConfig):
     init: str = "kaiming_zero"  # kaiming_zero | houlsby | zero_zero (both zero; tests only)
     # Which attention modules: self | cross | all (T5 decoder cross-attention).
     attention: str = "self"
+    train_layernorm: bool = False  # also train every LayerNorm (SPEC §5.5 reconstruction)
 
 
 @dataclass
@@ -74,6 +75,9 @@ class BitFitConfig(ComponentConfig):
 
     kind: str = "bitfit"
     include_ln_bias: bool = True
+    # Zero-initialised biases where a linear layer or norm has none (Compacter / KronA BitFit on T5):
+    # auto = on a backbone without any bias (T5, Llama) | true | false.
+    add_missing_biases: str = "auto"
 
 
 @dataclass
@@ -248,6 +252,7 @@ class AdapterConfig(ComponentConfig):
     scale: float = 1.0  # s
     dropout: float = 0.0  # on the bottleneck (after the activation)
     init: str = "hf_normal"  # hf_normal: N(0, 0.02) weights, zero biases | lora: down Kaiming, up 0 | zero_zero
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (the Compacter recipe)
 
 
 @dataclass
@@ -267,6 +272,57 @@ class CompacterConfig(ComponentConfig):
     train_layernorm: bool = False  # also train the backbone's LayerNorms (the Compacter recipe)
 
 
+# ---- Multi-head parallel adapter / prompt tuning schemas (He et al. 2022 §3.3; Lester et al. 2021) ----
+@dataclass
+class MHParallelAdapterConfig(ComponentConfig):
+    """Multi-head parallel adapter (He et al. Table 1 "MH PA"): per head h,
+    ``head_h ← head_h + s·(act(u_h W_down^(h) + b_d) W_up^(h) + b_u)`` before W_o, r per head."""
+
+    kind: str = "mh_parallel_adapter"
+    bottleneck: int = MISSING  # r, per head
+    scale: float = 1.0  # s
+    # query: u_h = head h's frozen query x W_q^(h) + b_q^(h) (pre-RoPE; W_down^(h) p×r: 2·d·r per
+    # module, He et al.'s code) | hidden: u_h = x (W_down^(h) d×r)
+    input: str = "query"
+    layernorm: bool = False  # a trained LayerNorm on x first (the official code's ef_transform_layer_norm)
+    bias: bool = False  # b_down (H, r) and b_up (H, p)
+    act: str = "relu"  # any transformers ACT2FN name
+    dropout: float | None = None  # on the bottleneck; null = the attention's dropout (official code)
+    init: str = "lora"  # lora: W_down Kaiming-uniform, W_up 0 | hf_normal: N(0, 0.02) | zero_zero
+    attention: str = "self"  # self | cross | all
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (t5_glue: the Compacter recipe)
+
+
+@dataclass
+class PromptTuningConfig(ComponentConfig):
+    """Prompt tuning (Lester et al. 2021): `length` trained vectors prepended to the input embeddings."""
+
+    kind: str = "prompt_tuning"
+    length: int = MISSING
+    init: str = "vocab"  # vocab: rows of sampled common tokens | text: init_text's tokens | uniform
+    vocab_top_k: int = 5000  # vocab: sample from the ids below this (Lester et al.: 5,000 most common)
+    init_text: str | None = None  # text: tokenised, repeated to the length
+    tokenizer: str | None = None  # text: tokenizer dir/hub id (default: the model's name_or_path)
+    uniform_range: float = 0.5  # uniform: U[-x, x] (Lester et al.: 0.5)
+    # null: after the first token for BERT/RoBERTa ([CLS] stays at position 0), in front elsewhere
+    after_first_token: bool | None = None
+
+
+# ---- SAID / DID component schema (Aghajanyan et al. 2021) ----
+@dataclass
+class SAIDConfig(ComponentConfig):
+    """Intrinsic-dimension fine-tuning: θ_i = θ_{0,i} + λ_i·P(θ^d)_i with a Fastfood projection P
+    (SAID, Eq. 3; ``structured: false`` = DID, Eq. 1: no λ). Trains d + (number of λ) numbers."""
+
+    kind: str = "said"
+    d: int = MISSING  # dimension of θ^d (from the budget)
+    # all | layers | attention | ffn | q | k | v | o | norms | embeddings (the union of the entries)
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    biases: bool = True  # false: leave every bias out
+    structured: bool = True  # SAID: one trained λ_i per perturbed tensor (init 1); false = DID
+    seed: int = 0  # regenerates P (said.yaml: the run's seed)
+
+
 # ---------------------------------------------------------------- method
 @dataclass
 class MethodConfig:
@@ -283,6 +339,8 @@ class MethodConfig:
 @dataclass
 class LoRASize:
     r: int = MISSING
+    attention: str = "self"  # self | cross | all (t5_glue: all 36 attention modules, SPEC §5.5)
+    train_layernorm: bool = False  # t5_glue: true (the Compacter recipe)
 
 
 @dataclass
@@ -291,6 +349,7 @@ class AdapterSize:
 
     bottleneck: int = MISSING
     scale: float = 1.0
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (t5_glue: the Compacter recipe)
 
 
 @dataclass
@@ -321,6 +380,7 @@ class CompacterSize:
     bottleneck: int = MISSING
     n: int = 4
     layernorm: bool = False
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (t5_glue: the Compacter recipe)
 
 
 @dataclass
@@ -328,6 +388,31 @@ class PrefixSize:
     """Prefix-tuning: the prefix length l (Prefix-8 = 0.12% stored, Prefix-108 = 1.60%)."""
 
     length: int = MISSING
+
+
+@dataclass
+class MHParallelAdapterSize:
+    """The multi-head parallel adapter's size: r per head, s, which attention modules, and the
+    LayerNorm training of the t5_glue recipe."""
+
+    bottleneck: int = MISSING
+    scale: float = 1.0
+    attention: str = "self"  # self | cross | all
+    train_layernorm: bool = False
+
+
+@dataclass
+class PromptSize:
+    """Prompt tuning (Lester et al.): the number of soft-prompt vectors n (n·d parameters)."""
+
+    length: int = MISSING
+
+
+@dataclass
+class SAIDSize:
+    """SAID: the dimension d of θ^d (it trains d + one λ per perturbed tensor)."""
+
+    d: int = MISSING
 
 
 @dataclass
@@ -399,6 +484,11 @@ class BudgetConfig:
     mam_adapter: MAMAdapterSize | None = None
     mam_inducer: MAMInducerSize | None = None
     compacter: CompacterSize | None = None
+    # Multi-head parallel adapter (bottleneck r per head, scale) and prompt tuning (length).
+    mh_parallel_adapter: MHParallelAdapterSize | None = None
+    prompt_tuning: PromptSize | None = None
+    # SAID (Aghajanyan et al. 2021): the intrinsic dimension d.
+    said: SAIDSize | None = None
 
 
 # ---------------------------------------------------------------- task
@@ -475,6 +565,13 @@ class Config:
     # Per-method training overrides of an experiment preset: {method name: {train key: value}},
     # merged into `train` when the run starts (e.g. a higher lr for BitFit than for full FT).
     method_train: dict[str, Any] = field(default_factory=dict)
+    # Per-method settings of the method itself: {method name: partial method config}, merged into
+    # `method` when the run starts (e.g. {krona_b: {components: {krona_b: {scale: 4}}}}).
+    method_overrides: dict[str, Any] = field(default_factory=dict)
+    # Per-task settings of an experiment preset: {task name: partial root config} (train, budget,
+    # method_train, method_overrides, task, ...), merged first (e.g. KronA's per-task learning rates
+    # and factor shapes, Tables 16-18, in conf/experiment/krona_glue.yaml).
+    task_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:
@@ -507,6 +604,11 @@ COMPONENT_SCHEMAS: dict[str, type] = {
     "inducer": InducerConfig,
     "adapter": AdapterConfig,
     "compacter": CompacterConfig,
+    # ---- Multi-head parallel adapter / prompt tuning ----
+    "mh_parallel_adapter": MHParallelAdapterConfig,
+    "prompt_tuning": PromptTuningConfig,
+    # ---- intrinsic dimension ----
+    "said": SAIDConfig,
 }
 
 register_configs()

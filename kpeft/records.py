@@ -67,11 +67,12 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def write_record(run_dir: str | Path, record: dict[str, Any], force: bool = False) -> Path:
-    """Write `record` atomically. An existing record is never overwritten: without `force` this
-    raises :class:`RecordExists`; with `force` the old one is kept as ``record.<time>.json``."""
+    """Write `record` atomically. A complete record is never overwritten: without `force` this
+    raises :class:`RecordExists`; with `force` the old one is kept as ``record.<time>.json``, as is
+    an unfinished one (``status: failed``) that a retry replaces."""
     path = record_path(run_dir)
     if path.exists():
-        if not force:
+        if not force and is_complete(run_dir):
             raise RecordExists(f"{path} exists; pass force=true to re-run (the old record is kept aside)")
         stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S%f")
         path.rename(path.with_name(f"record.{stamp}.json"))

@@ -5,6 +5,8 @@ one JSON object:
 
 * ``webnlg`` — ``{"bleu": {"seen", "unseen", "all"}, "meteor": {…}, "ter": {…}}`` (BLEU ×100,
   METEOR and TER fractions; one output line per test entry, in the official XML order);
+* ``e2e`` — ``{"bleu", "nist", "meteor", "rouge_l", "cider"}`` (the challenge's e2e-metrics; one
+  output line per unique test MR, in first-appearance order);
 * ``coqa`` — ``{"em", "f1", "turns", "in_domain": {…}, "out_domain": {…}, "domains": {…}}``
   (the official JSON list ``[{"id", "turn_id", "answer"}]``);
 * ``cnndm`` — ``{"rouge1", "rouge2", "rougeL", "rougeLsum", "rouge2_vglm"}`` (one summary per line);
@@ -50,7 +52,7 @@ def score(argv: Sequence[str]) -> dict[str, Any]:
     cfg = compose(overrides)
     cls = task_class(cfg.task)
     if not issubclass(cls, BenchmarkTask):
-        raise KpeftError(f"task '{cfg.task.name}' has no official scorer; tasks that do: webnlg, coqa, cnndm, glue_*")
+        raise KpeftError(f"task '{cfg.task.name}' has no official scorer; tasks that do: webnlg, e2e, coqa, cnndm, glue_*")
     task = cls(cfg.task)
     return task.score(task.read_predictions(predictions), canonical_split(cfg.split))
 

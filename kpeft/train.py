@@ -14,12 +14,15 @@ import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kpeft.backbones import describe
@@ -125,13 +128,59 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def write_failure(cfg: DictConfig, err: BaseException) -> Path | None:
+    """A ``status: failed`` record (error, traceback tail) for a run of a sweep: not complete, so
+    the next sweep retries it (resuming from its last checkpoint with ``resume=true``). A complete
+    record is left alone (a failed ``force=true`` re-run keeps it)."""
+    from accelerate import PartialState
+
+    run_dir = Path(cfg.run_dir)
+    if not PartialState().is_main_process or is_complete(run_dir):
+        return None
+    tail = "".join(traceback.format_exception(err)).splitlines()[-30:]
+    record = {
+        "status": "failed", "schema": 1, "run_dir": str(run_dir), "experiment": cfg.experiment,
+        "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
+        "budget": cfg.budget.name, "seed": cfg.seed, "error": f"{type(err).__name__}: {err}",
+        "traceback": tail, "config": _container(cfg), **provenance(),
+    }
+    return write_record(run_dir, record)
+
+
+def _container(cfg: DictConfig) -> dict[str, Any]:
+    """The config resolved where it can be (a failure may come from a value that cannot)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _in_multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # not inside a Hydra app
+        return False
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    """One job. In a sweep (``-m``) a failing run writes a failed record and the sweep goes on;
+    a single run exits non-zero (a KpeftError in one line)."""
+    sweeping = _in_multirun()
     try:
         record = run(cfg)
     except KpeftError as err:
         print(f"kpeft: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if not sweeping:
+            sys.exit(2)
+        write_failure(cfg, err)
+        return None
+    except Exception as err:  # e.g. out of memory: recorded, and the sweep goes on
+        if not sweeping:
+            raise
+        log.exception("run failed: %s", cfg.run_dir)
+        write_failure(cfg, err)
+        return None
     return record.get("score")
 
 

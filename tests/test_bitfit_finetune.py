@@ -71,7 +71,33 @@ def test_bitfit_on_t5_has_nothing_to_train():
     model = tiny_model("t5")
     assert not any(n.endswith(".bias") for n, _ in model.named_parameters())
     with pytest.raises(KpeftError, match=r"method 'bitfit' found nothing to train on backbone 't5'"):
-        apply(model, "bitfit")
+        apply(model, "bitfit", "method.components.bitfit.add_missing_biases=false")
+
+
+def test_bitfit_on_t5_adds_zero_biases_that_act():
+    """The Compacter code's BitFit on T5: zero biases on every linear layer (LM head included) and RMS
+    norm; the model is unchanged until they train, and a norm's bias shifts that norm's output."""
+    model = tiny_model("t5")
+    batch = inputs("t5")
+    before = output(model, batch)
+    adapted = apply(model, "bitfit")
+    cfg = model.config
+    d, ff, layers = cfg.d_model, cfg.d_ff, cfg.num_layers  # 32, 64, 2 (+ 2 decoder layers)
+    inner = cfg.num_heads * cfg.d_kv
+    attention = (2 * layers + layers) * (3 * inner + d)  # encoder self, decoder self + cross: q k v o
+    ffn = 2 * layers * (ff + d)
+    norms = (2 * layers + 1 + 3 * layers + 1) * d
+    assert adapted.count().trainable == attention + ffn + norms + cfg.vocab_size
+    names = trained(model)
+    assert names == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert "lm_head.bias" in names and "encoder.final_layer_norm.bias" in names
+    assert torch.equal(output(model, batch), before)  # zero biases change nothing
+    norm = model.encoder.final_layer_norm
+    x = torch.randn(2, 3, d)
+    plain = norm(x)
+    with torch.no_grad():
+        norm.bias.fill_(0.5)
+    assert torch.allclose(norm(x), plain + 0.5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "t5", "llama", "roberta_cls"])

@@ -59,13 +59,18 @@ def test_the_last_line_is_the_json_record(capsys):
 
 
 def test_t5_glue_budget(capsys):
-    # T5-base has no biases, so no β. The method's default adapts self-attention only (24 modules);
-    # SPEC §5.5's reconstruction of KronA's 0.07% adapts all 36 (cross-attention too): 72 × 1,536.
+    # T5-base has no biases, so no β. t5_glue is SPEC §5.5's reconstruction of KronA's 0.07%: all
+    # 36 attention modules (cross-attention too), 72 × 1,536, + T5's 62 LayerNorms (62 × 768).
     default = main(["model=t5_base", "method=lora", "budget=t5_glue"])
-    assert (default["total"], default["trainable"]) == (222_903_552, 24 * 2 * 1_536)
-    every = main(["model=t5_base", "method=lora", "budget=t5_glue", "method.components.lora.attention=all"])
-    assert every["trainable"] == 110_592 and every["trainable_pct"] == 0.0496
+    assert (default["total"], default["trainable"]) == (222_903_552, 72 * 1_536 + 62 * 768)
+    assert default["trainable"] == 158_208 and default["trainable_pct"] == 0.071
+    no_ln = main(["model=t5_base", "method=lora", "budget=t5_glue", "budget.lora.train_layernorm=false"])
+    assert no_ln["trainable"] == 110_592 and no_ln["trainable_pct"] == 0.0496
     assert "trainable 110,592 (0.05%)" in capsys.readouterr().out.splitlines()
+    self_only = main(["model=t5_base", "method=lora", "budget=t5_glue", "budget.lora.attention=self",
+                      "budget.lora.train_layernorm=false"])
+    assert self_only["trainable"] == 24 * 2 * 1_536
+    capsys.readouterr()
 
 
 def test_other_backbones_totals(capsys):
@@ -80,7 +85,7 @@ def test_other_backbones_totals(capsys):
 
 def test_bitfit_on_a_bias_free_backbone_is_a_user_error(capsys):
     with pytest.raises(SystemExit) as info:
-        main(["model=t5_base", "method=bitfit"])
+        main(["model=t5_base", "method=bitfit", "method.components.bitfit.add_missing_biases=false"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("kpeft: error: method 'bitfit' found nothing to train on backbone 't5'")

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from kpeft.errors import KpeftError
+from kpeft.metrics.rouge import sentences
 from kpeft.paths import shared_data_dir
 from kpeft.tasks import task_class
 from kpeft.tasks.cnndm import read_story, url_hash
@@ -89,3 +90,34 @@ def test_hub_adapter(make_cfg, monkeypatch):
     task = task_class(cfg.task)(cfg.task)
     assert task.records("validation") == [{"id": "abc", "article": "Art .", "highlights": "H1 .\nH2 ."}]
     assert task.score(["H1 . <n> H2 ."])["rougeLsum"] == pytest.approx(100.0)
+
+
+def test_lin_et_al_data_json_round_trips_the_stories(make_cfg, tmp_path):
+    """Lin et al.'s ``data.json`` ({"train"|"val"|"test": [{"src", "tgt"}]}, the VGLM / Kernel-mix
+    code's CNN/DM file) built from the shared stories gives back their articles and highlights; a
+    flat one-line ``tgt`` (sentences joined by spaces) gives the same summary text for ROUGE-2."""
+    stories = cnndm(make_cfg, STORIES)
+    train, val = stories.records("train"), stories.records("validation")
+    pairs = {"train": [{"src": r["article"], "tgt": r["highlights"]} for r in train],
+             "val": [{"src": r["article"], "tgt": r["highlights"], "distillated_tgt": "ignored"} for r in val],
+             "test": [{"src": r["article"], "tgt": " ".join(r["highlights"].split("\n"))} for r in val[:3]]}
+    (tmp_path / "data.json").write_text(json.dumps(pairs))
+    task = cnndm(make_cfg, tmp_path)
+    for split, source in (("train", train), ("validation", val)):
+        got = task.records(split)
+        # the same text; runs of spaces inside a highlight are collapsed (as for line-aligned files)
+        assert [(r["article"], r["highlights"]) for r in got] == [(r["article"], sentences(r["highlights"])) for r in source]
+        assert [r["id"] for r in got] == [f"{'val' if split == 'validation' else split}-{i}" for i in range(len(source))]
+    flat = task.records("test")
+    assert [r["highlights"] for r in flat] == [" ".join(r["highlights"].split()) for r in val[:3]]
+    assert task.score([r["highlights"] for r in val[:3]])["rouge2_vglm"] == pytest.approx(100.0)
+    # "valid" (the key Lin et al.'s loader renames "val" to) and another file name also work
+    (tmp_path / "cnndm.json").write_text(json.dumps({"valid": pairs["val"][:2], "train": []}))
+    cfg = make_cfg("task=cnndm", f"task.data_dir={tmp_path}", "task.options.json_file=cnndm.json")
+    other = task_class(cfg.task)(cfg.task)
+    assert [r["article"] for r in other.records("validation")] == [r["article"] for r in val[:2]]
+    with pytest.raises(KpeftError, match="has no split test; it has: valid, train"):
+        other.records("test")
+    (tmp_path / "cnndm.json").write_text(json.dumps({"test": [{"src": ["tok", "ens"], "tgt": "x"}]}))
+    with pytest.raises(KpeftError, match="item 0 of 'test' .* is not a"):
+        task_class(cfg.task)(cfg.task).records("test")

@@ -10,8 +10,11 @@ from kpeft.methods import (  # noqa: F401  (registration: each module registers 
     kernelwise,  # kernel_mix, kernel_wise
     kron,  # krona, krona_b, krona_b_res
     lowrank,  # lora
+    mh_adapter,  # mh_parallel_adapter (attention site)
     parameters,  # bitfit, finetune
     prefix,  # prefix (attention site)
+    prompt,  # prompt_tuning (input embeddings)
+    said,  # said (intrinsic-dimension reparameterisation of backbone tensors)
 )
 from kpeft.methods.adapted import AdaptedModel, ParamCount
 from kpeft.methods.registry import BUILDERS, BuildContext, apply_method, register

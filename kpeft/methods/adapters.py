@@ -171,8 +171,10 @@ def build_adapters(cfg: DictConfig, ctx: BuildContext) -> list[Adapter]:
 
 @register("adapter")
 def build_adapter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    """One bottleneck adapter per layer at ``cfg.placement``."""
-    return list(build_adapters(cfg, ctx))
+    """One bottleneck adapter per layer at ``cfg.placement`` (+ the backbone's LayerNorms with
+    ``cfg.train_layernorm``, the Compacter recipe)."""
+    extra: list[Component] = [LayerNormTuning()] if cfg.get("train_layernorm", False) else []
+    return [*build_adapters(cfg, ctx), *extra]
 
 
 # ---------------------------------------------------------------- Compacter (PHM)

@@ -82,25 +82,17 @@ class AdaptedProjection(nn.Module):
         y = self.base(x)
         if self.merged or not self.branches:
             return y
-        # Sum the branches per column block, then one add per block: GPT-2's fused c_attn gets
-        # its q and v deltas in place, without re-assembling the (…, 3d) output.
+        # Sum the branches per column block (GPT-2's fused c_attn: q and v blocks).
         deltas: dict[tuple[int, int], torch.Tensor] = {}
-        read_y = False
         for branch in self.branches:
             key = (branch.projection.start, branch.projection.stop)
-            if branch.uses_base_output:
-                out, read_y = branch(x, y), True
-            else:
-                out = branch(x)
+            out = branch(x, y) if branch.uses_base_output else branch(x)
             deltas[key] = out if key not in deltas else deltas[key] + out
-        if read_y and torch.is_grad_enabled():
-            y = y.clone()  # a branch read y (autograd may have saved it): update a copy
-        for (start, stop), delta in deltas.items():
-            if stop - start == y.shape[-1]:
-                y = y + delta
-            else:
-                y[..., start:stop] += delta  # y is this op's own output: safe to update in place
-        return y
+        if not torch.is_grad_enabled():  # inference: add each block in place, no graph to keep
+            for (start, stop), delta in deltas.items():
+                y[..., start:stop] += delta
+            return y
+        return add_blocks(y, deltas)
 
     def check_mergeable(self) -> None:
         """Raise before :meth:`merge` changes any weight if a branch's delta cannot be folded in
@@ -129,6 +121,29 @@ class AdaptedProjection(nn.Module):
                 bias = branch.delta_bias()
                 branch.projection.add_to_weight(-branch.delta_weight(), None if bias is None else -bias)
             self.merged = False
+
+
+def add_blocks(y: torch.Tensor, deltas: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    """``y`` plus column-block deltas, out of place: the blocks are concatenated (zero-stride
+    zeros in the gaps) into one ``(…, d_out)`` delta and added once, so the backward hands each
+    branch a view of the gradient (in-place block adds would copy and zero-fill the whole
+    gradient once per block). Overlapping blocks go into further passes."""
+    pending, width = sorted(deltas.items()), y.shape[-1]
+    while pending:
+        pieces, pos, later = [], 0, []
+        for (start, stop), delta in pending:
+            if start < pos:
+                later.append(((start, stop), delta))
+                continue
+            if start > pos:
+                pieces.append(delta.new_zeros(()).expand(*delta.shape[:-1], start - pos))
+            pieces.append(delta)
+            pos = stop
+        if pos < width:
+            pieces.append(pieces[-1].new_zeros(()).expand(*pieces[-1].shape[:-1], width - pos))
+        y = y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
+        pending = later
+    return y
 
 
 def attach_weight_component(component: WeightComponent) -> None:

@@ -49,6 +49,7 @@ from kpeft.methods.base import (
     init_output_factor,
     trunc_normal_001_,
 )
+from kpeft.methods.dropout import branch_dropout
 from kpeft.methods.lowrank import LoRA
 from kpeft.methods.registry import BuildContext, bias_flag, register
 
@@ -78,7 +79,7 @@ class HeadwiseBranch(WeightComponent):
         self.init_scheme = init
         ref = projection.module.weight
         self._kw = {"device": ref.device, "dtype": ref.dtype}
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(dropout)
         self.head_bias = nn.Parameter(torch.zeros(self.d_out, **self._kw)) if train_bias else None
         if self.head_bias is not None and init == "houlsby":
             trunc_normal_001_(self.head_bias)

@@ -15,7 +15,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kpeft.backbones.anatomy import Projection
-from kpeft.methods.base import WeightComponent, attach_weight_component, init_input_factor, init_output_factor
+from kpeft.methods.base import (
+    Component,
+    WeightComponent,
+    attach_weight_component,
+    init_input_factor,
+    init_output_factor,
+)
+from kpeft.methods.dropout import branch_dropout
+from kpeft.methods.parameters import LayerNormTuning
 from kpeft.methods.registry import BuildContext, bias_flag, register
 
 
@@ -49,7 +57,7 @@ class LoRA(WeightComponent):
         self.lora_A = nn.Parameter(torch.empty(r, self.d_in, **kw))
         self.lora_B = nn.Parameter(torch.empty(self.d_out, r, **kw))
         self.lora_bias = nn.Parameter(torch.zeros(self.d_out, **kw)) if train_bias else None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = branch_dropout(dropout)
         init_input_factor(self.lora_A, init, fan_in=self.d_in)
         init_output_factor(self.lora_B, init)
         if self.lora_bias is not None and init == "houlsby":
@@ -57,7 +65,7 @@ class LoRA(WeightComponent):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B, self.lora_bias)
-        return out * self.scaling
+        return out * self.scaling if self.scaling != 1.0 else out
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).t() * self.scaling
@@ -70,9 +78,10 @@ class LoRA(WeightComponent):
 
 
 @register("lora")
-def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[LoRA]:
-    """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all)."""
-    comps: list[LoRA] = []
+def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
+    """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all); with
+    ``cfg.train_layernorm`` every LayerNorm trains too (SPEC §5.5)."""
+    comps: list[Component] = []
     for _, att in ctx.anatomy.attentions(cfg.attention):
         for target in cfg.targets:
             proj = att.projection(target)
@@ -82,4 +91,6 @@ def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[LoRA]:
             )
             attach_weight_component(comp)
             comps.append(comp)
+    if cfg.get("train_layernorm", False):
+        comps.append(LayerNormTuning())
     return comps

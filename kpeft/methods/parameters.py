@@ -3,12 +3,17 @@
 * full fine-tuning (SPEC §7.6): every parameter;
 * BitFit (SPEC §7.3): every bias, LayerNorm biases included (GPT-2 small: 102,144 = 0.08%).
   The tied GPT-2 LM head is a weight, so it stays frozen (the official code needs a flag for that).
+  On a backbone without biases (T5, Llama), ``add_missing_biases`` first gives every linear layer
+  and norm a zero-initialised bias, as the Compacter code does for T5 (its modified T5 builds
+  q, k, v, o, wi, wo, the LM head and the RMS norms with biases; KronA reports its 0.12%): T5-base
+  110,592 attention + 92,160 FFN + 47,616 norm + 32,128 LM-head biases = 282,496 (0.127%).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -32,6 +37,38 @@ class FullFinetune(ParameterComponent):
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or "norm" in type(module).__name__.lower()
+
+
+def _add_norm_bias(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output + module.bias  # a bias added to a norm that has none (T5 / Llama RMS norm)
+
+
+def has_biases(model: nn.Module) -> bool:
+    """Whether any module of `model` has a bias parameter."""
+    return any(isinstance(getattr(m, "bias", None), nn.Parameter) for m in model.modules())
+
+
+def add_missing_biases(model: nn.Module, skip: frozenset[int] | set[int] = frozenset(), norms: bool = True) -> int:
+    """Give every ``nn.Linear`` (except those whose weight id is in `skip`) and, with `norms`,
+    every norm layer without a bias a zero-initialised one; returns how many numbers were added.
+    ``nn.LayerNorm`` uses its new bias itself; other norms (RMS norms) get a forward hook adding it."""
+    added = 0
+    for module in list(model.modules()):
+        if getattr(module, "bias", None) is not None:
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        if isinstance(module, nn.Linear) and id(weight) not in skip:
+            module.bias = nn.Parameter(weight.new_zeros(module.out_features))
+        elif norms and _is_norm(module) and weight.dim() == 1:
+            module.bias = nn.Parameter(torch.zeros_like(weight))
+            if not isinstance(module, nn.LayerNorm):
+                module.register_forward_hook(_add_norm_bias)
+        else:
+            continue
+        added += module.bias.numel()
+    return added
 
 
 class BitFit(ParameterComponent):
@@ -63,6 +100,13 @@ class LayerNormTuning(ParameterComponent):
 
 @register("bitfit")
 def build_bitfit(cfg: DictConfig, ctx: BuildContext) -> list[BitFit]:
+    """BitFit; ``add_missing_biases`` (auto: on a backbone without any bias) adds zero biases first."""
+    add = str(cfg.get("add_missing_biases", "auto")).lower()
+    if add not in ("auto", "true", "false"):
+        raise ValueError(f"add_missing_biases must be auto, true or false, not {add!r}")
+    if add == "true" or (add == "auto" and not has_biases(ctx.model)):
+        head = {id(p) for p in ctx.anatomy.task_head_params}  # a new task head stays as it is
+        add_missing_biases(ctx.model, skip=head, norms=bool(cfg.include_ln_bias))
     return [BitFit(include_ln_bias=cfg.include_ln_bias)]
 
 

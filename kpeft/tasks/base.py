@@ -94,7 +94,7 @@ class Task:
         gradient accumulation and data-parallel runs equal one big batch (SPEC §10.3: loss averaged
         over the non-ignored target tokens of the batch).
         """
-        logits, labels = self.logits_and_labels(model, batch)
+        logits, labels = self.scored_logits_and_labels(model, batch)
         if self.kind == "classification" and self.cfg.num_labels == 1:
             return F.mse_loss(logits.squeeze(-1).float(), labels, reduction="sum"), labels.numel()
         flat_logits = logits.reshape(-1, logits.shape[-1]).float()
@@ -104,9 +104,13 @@ class Task:
         )
         return loss, int((flat_labels != IGNORE).sum())
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs of a batch (labels excluded)."""
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
     def logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits aligned with their labels (causal LMs: shifted so logit t predicts token t+1)."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = self.model_inputs(batch)
         if self.kind == "seq2seq":
             labels = batch["labels"]
             out = model(**inputs, decoder_input_ids=shift_right(labels, _config(model)))
@@ -115,6 +119,14 @@ class Task:
         if self.kind == "causal_lm":
             return out.logits[:, :-1], batch["labels"][:, 1:]
         return out.logits, batch["labels"]
+
+    def scored_logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the loss and the metrics read: :meth:`logits_and_labels`, except that a causal LM
+        gets ``(N, V)`` logits of its N scored positions only (``(N,)`` labels): the LM head never
+        runs on prompt tokens (same loss, a fraction of the head's cost and memory)."""
+        if self.kind != "causal_lm":
+            return self.logits_and_labels(model, batch)
+        return target_logits(model, self.model_inputs(batch), batch["labels"])
 
     # ------------------------------------------------------------ metrics
     @torch.no_grad()
@@ -134,7 +146,7 @@ class Task:
     @torch.no_grad()
     def batch_metrics(self, model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Summable statistics of one batch; :meth:`finalize` turns their totals into metrics."""
-        logits, labels = self.logits_and_labels(model, batch)
+        logits, labels = self.scored_logits_and_labels(model, batch)
         if self.kind == "classification" and self.cfg.num_labels == 1:
             err = (logits.squeeze(-1).float() - labels) ** 2
             return {"sq_err": float(err.sum()), "n": labels.numel()}
@@ -150,6 +162,31 @@ class Task:
 
 def _config(model):
     return getattr(model, "module", model).config  # through a DDP wrapper
+
+
+def target_logits(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal LM's logits at the positions whose next token is scored, ``(N, V)``, and those N
+    labels: a forward pre-hook on the output embedding hands it only the hidden states of these
+    positions (through a DDP wrapper too, which must see the forward call)."""
+    scored = labels[:, 1:] != IGNORE  # position t predicts token t + 1
+    keep = F.pad(scored, (0, 1))  # the last position predicts nothing
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None or keep.shape != inputs["input_ids"].shape:
+        logits = model(**inputs).logits[:, :-1]
+        return logits[scored], labels[:, 1:][scored]
+
+    def gather(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != keep.shape:
+            raise RuntimeError(f"target_logits: the LM head got {tuple(hidden.shape)}, not (batch, length, d)")
+        return (hidden[keep], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    return logits, labels[:, 1:][scored]
 
 
 def shift_right(labels: torch.Tensor, config) -> torch.Tensor:

@@ -4,6 +4,10 @@ Under ``task.data_dir``, per split, either:
 
 * line-aligned files ``{train,val,test}.source`` / ``.target`` (one article / summary per line;
   See et al.'s ``<t> … </t>`` sentence tags or ``<n>`` markers in a target mark its sentences); or
+* Lin et al.'s JSON (the VGLM / Kernel-mix code's ``data/CNNDAILY/data.json``; file name
+  ``task.options.json_file``): ``{"train": [{"src": article, "tgt": summary}, ...], "val": [...],
+  "test": [...]}`` (``valid`` / ``validation`` / ``dev`` are accepted for ``val``; other keys of a
+  pair, e.g. ``distillated_tgt``, are ignored; sentence markers in ``tgt`` as above); or
 * the raw ``.story`` files (at any depth, e.g. ``cnn/stories/*.story``, ``dailymail/stories/``)
   with the official URL lists ``all_train.txt``, ``all_val.txt``, ``all_test.txt`` (in
   ``task.data_dir`` or ``url_lists/``; a story's file name is the SHA-1 of its URL). A story is
@@ -23,6 +27,7 @@ Kernel-mix code's ``rouge2_vglm`` (:mod:`kpeft.metrics.rouge`).
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,8 @@ from kpeft.tasks.benchmark import Record, canonical_split, read_lines
 from kpeft.tasks.nlg import NLGTask, Segment
 
 FILE_SPLIT = {"train": "train", "validation": "val", "test": "test"}
+# The keys a split may have in Lin et al.'s data.json (their loader renames "val" to "valid").
+JSON_KEYS = {"train": ("train",), "validation": ("val", "valid", "validation", "dev"), "test": ("test",)}
 # Sentence-final tokens after which no period is added (the hub's cnn_dailymail reader).
 END_TOKENS = (".", "!", "?", "...", "'", "`", '"', "\u2019", "\u201d", ")")
 
@@ -75,8 +82,9 @@ class CNNDM(NLGTask):
     special_key = "cnndm"
 
     layout = (
-        "CNN/DM as line-aligned {train,val,test}.source / .target files, or the .story files with "
-        "the URL lists all_train.txt, all_val.txt, all_test.txt"
+        "CNN/DM as line-aligned {train,val,test}.source / .target files, Lin et al.'s data.json "
+        '({"train"|"val"|"test": [{"src", "tgt"}]}), or the .story files with the URL lists '
+        "all_train.txt, all_val.txt, all_test.txt"
     )
     hub_path, hub_name = "cnn_dailymail", "3.0.0"
 
@@ -85,7 +93,38 @@ class CNNDM(NLGTask):
         name = FILE_SPLIT[split]
         if (root / f"{name}.source").is_file() or (root / f"{name}.target").is_file():
             return self._aligned(root, name)
+        if (root / self.options.get("json_file", "data.json")).is_file():
+            return self._lin_json(root / self.options.get("json_file", "data.json"), split)
         return self._stories(root, name)
+
+    def _lin_json(self, path: Path, split: str) -> list[Record]:
+        """A split of Lin et al.'s ``data.json`` (see the module docstring)."""
+        data = self._lin_data(path)
+        key = next((k for k in JSON_KEYS[split] if k in data), None)
+        if key is None:
+            raise KpeftError(f"task 'cnndm': '{path}' has no split {' / '.join(JSON_KEYS[split])}; it has: "
+                             f"{', '.join(map(str, data)) or 'nothing'}")
+        out = []
+        for i, pair in enumerate(data[key]):
+            if not (isinstance(pair, dict) and isinstance(pair.get("src"), str) and isinstance(pair.get("tgt"), str)):
+                raise KpeftError(f"task 'cnndm': item {i} of '{key}' in '{path}' is not a "
+                                 '{"src": str, "tgt": str} pair')
+            out.append({"id": str(pair.get("id", f"{key}-{i}")), "article": pair["src"],
+                        "highlights": metric.sentences(pair["tgt"])})
+        return out
+
+    def _lin_data(self, path: Path) -> dict:
+        """The parsed ``data.json`` (read once for all splits)."""
+        if getattr(self, "_lin", None) is None:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise KpeftError(f"task 'cnndm': '{path}' is not JSON ({err})") from None
+            if not isinstance(data, dict):
+                raise KpeftError(f"task 'cnndm': '{path}' should map split names to lists of "
+                                 '{"src", "tgt"} pairs (Lin et al.\'s data.json)')
+            self._lin = data
+        return self._lin
 
     def _aligned(self, root: Path, name: str) -> list[Record]:
         root = self.root([f"{name}.source", f"{name}.target"])

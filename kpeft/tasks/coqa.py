@@ -158,10 +158,11 @@ class CoQA(NLGTask):
             rows.append({"id": r["id"], "turn_id": r["turn_id"], "answer": p, "golds": r["golds"], "em": em, "f1": f1})
         return flat_metrics(metric.evaluate(golds, sources, preds)), rows
 
-    def evaluate_generation(self, model, split: str, run_dir=None, batch_size: int = 16) -> dict[str, Any]:
+    def evaluate_generation(self, model, split: str, run_dir=None, batch_size: int = 16,
+                            accelerator=None) -> dict[str, Any]:
         """As :meth:`NLGTask.evaluate_generation`, plus the official prediction JSON
         ``<run_dir>/generations/<split>.coqa.json`` (``[{"id", "turn_id", "answer"}]``)."""
-        metrics = super().evaluate_generation(model, split, run_dir, batch_size)
+        metrics = super().evaluate_generation(model, split, run_dir, batch_size, accelerator)
         if run_dir is not None:
             folder = Path(run_dir) / "generations"
             with open(folder / f"{split}.jsonl", encoding="utf-8") as f:

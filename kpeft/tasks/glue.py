@@ -34,6 +34,10 @@ Split protocols (``task.options.protocol``):
 
 ``python -m kpeft.score task=glue_<t> predictions=FILE``: one prediction per test example (a label
 index, a label name, or an STS-B score); the task's official metrics (:mod:`kpeft.metrics.glue`).
+
+This class encodes text pairs for a sequence classifier. On a T5 backbone (``task.options.format``
+auto, or text2text) the same records and splits are text-to-text instead:
+:class:`kpeft.tasks.text2text.GlueText2Text`.
 """
 
 from __future__ import annotations

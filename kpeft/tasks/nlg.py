@@ -9,17 +9,23 @@ Shared by :class:`~kpeft.tasks.webnlg.WebNLG`, :class:`~kpeft.tasks.coqa.CoQA` a
 * **encoding** — segments ``(type, ids)``; ``input_ids`` = their concatenation, ``token_type_ids``
   = each segment's type (a special-token id) over its tokens (GPT-2 adds ``wte(token_type_ids)``
   to the input, i.e. the task embeddings), ``labels`` = −100 except the final segment after its
-  first token (target + eos). Each string is tokenised separately without a leading space;
+  first token (target + eos). Each string is tokenised separately with ``tokenizer.tokenize``
+  (never the tokenizer's own bos/eos): without a leading space for byte-level BPEs (GPT-2,
+  SmolLM2), with SentencePiece's usual "▁" word prefix for SentencePiece tokenizers;
 * **task embeddings** (:meth:`NLGTask.prepare_model`, after the method is installed): the
   embeddings are resized to the tokenizer, the rows beyond the backbone's vocabulary re-initialised
   N(0, ``initializer_range``); ``wte`` (tied to the LM head) is made trainable with a gradient
   hook that zeroes the rows of the original vocabulary (so the zeroing precedes clipping), and it
   is marked uncounted for the number of new rows only: the budget stays the papers';
+* **task embeddings on Llama**: Llama's forward ignores ``token_type_ids``; a forward pre-hook on
+  its base model turns them into ``inputs_embeds = embed(input_ids) + embed(token_type_ids)``
+  (GPT-2's sum, without position embeddings: RoPE), in training and decoding alike;
 * **generation** (:meth:`NLGTask.evaluate_generation`, called by ``Trainer.evaluate``): batched
   greedy decoding with a KV cache (:mod:`kpeft.training.decode`), stopping on any of the task's
   special tokens or after ``task.options.max_new_tokens`` (40), ``task.options.generation_batch_size``
-  prompts at a time (default ``train.eval_batch_size``); the task's official scorer; the
-  predictions and per-example scores in ``<run_dir>/generations/<split>.jsonl``.
+  prompts at a time (default ``train.eval_batch_size``), each process decoding every world-th
+  item; the task's official scorer on the main process; the predictions and per-example scores
+  in ``<run_dir>/generations/<split>.jsonl``.
 """
 
 from __future__ import annotations
@@ -43,10 +49,32 @@ SPECIAL_TOKENS = {
     "coqa": ("<bos_qa>", "<eos_qa>", "<question>", "<answer>", "<document>"),
     "cnndm": ("<bos_sm>", "<eos_sm>", "<source_sm>", "<target_sm>"),
     "webnlg": ("<bos_webnlg>", "<eos_webnlg>", "<subject>", "<property>", "<object>", "<target_webnlg>"),
+    "e2e": ("<bos_e2e>", "<eos_e2e>", "<attribute>", "<value>", "<target_e2e>"),  # not in [CODE]: kpeft's own
 }
 ALL_SPECIAL_TOKENS = tuple(t for name in ("coqa", "cnndm", "webnlg") for t in SPECIAL_TOKENS[name])
 
 Segment = tuple[int, list[int]]
+
+
+def embeds_token_types(model) -> bool:
+    """Whether `model`'s own forward adds ``wte(token_type_ids)`` (GPT-2); Llama ignores them."""
+    return getattr(model.config, "model_type", "") == "gpt2"
+
+
+def _add_token_type_embeddings(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook on a base model without token types (Llama): ``inputs_embeds =
+    embed(input_ids) + embed(token_type_ids)``, GPT-2's task embeddings (SPEC §10.1)."""
+    types = kwargs.pop("token_type_ids", None)
+    if types is None:
+        return args, kwargs
+    ids = args[0] if args else kwargs.get("input_ids")
+    embed = module.get_input_embeddings()
+    base = kwargs.get("inputs_embeds")
+    kwargs["inputs_embeds"] = (embed(ids) if base is None else base) + embed(types)
+    if args:
+        return (None, *args[1:]), kwargs
+    kwargs["input_ids"] = None
+    return args, kwargs
 
 
 def build_example(segments: Sequence[Segment]) -> Example:
@@ -71,7 +99,9 @@ class NLGTask(BenchmarkTask):
         self.n_original: int | None = None  # the tokenizer's vocabulary before the special tokens
         if tokenizer is not None:
             self.n_original = len(tokenizer)
-            tokens = ALL_SPECIAL_TOKENS if self.options.get("all_special_tokens", False) else SPECIAL_TOKENS[self.special_key]
+            tokens = self.special
+            if self.options.get("all_special_tokens", False):  # the code's 15 first, then any of the task's own
+                tokens = ALL_SPECIAL_TOKENS + tuple(t for t in tokens if t not in ALL_SPECIAL_TOKENS)
             tokenizer.add_special_tokens({"pad_token": PAD, "additional_special_tokens": list(tokens)})
             self.pad_token_id = tokenizer.convert_tokens_to_ids(PAD)
 
@@ -148,10 +178,10 @@ class NLGTask(BenchmarkTask):
         batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], width, self.pad_token_id)
         return batch
 
-    def logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    token_type_ids=batch["token_type_ids"])
-        return out.logits[:, :-1], batch["labels"][:, 1:]
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Input ids, mask and the token types (the task embeddings); the loss reads the logits of
+        the target positions only (:meth:`~kpeft.tasks.base.Task.scored_logits_and_labels`)."""
+        return {**super().model_inputs(batch), "token_type_ids": batch["token_type_ids"]}
 
     # ------------------------------------------------------------ task embeddings
     def prepare_model(self, adapted, fidelity: str = "paper") -> None:
@@ -172,6 +202,8 @@ class NLGTask(BenchmarkTask):
         with torch.no_grad():
             first_new = min(old, self.n_original or old)
             wte[first_new:].normal_(0.0, std)
+        if not embeds_token_types(model):  # e.g. Llama: add the task embeddings ourselves
+            model.base_model.register_forward_pre_hook(_add_token_type_embeddings, with_kwargs=True)
         if was_trainable:  # full fine-tuning (or a method training wte): already counted
             return
         keep_from = first_new
@@ -216,23 +248,45 @@ class NLGTask(BenchmarkTask):
 
     @torch.no_grad()
     def evaluate_generation(self, model, split: str, run_dir: str | Path | None = None,
-                            batch_size: int = 16) -> dict[str, Any]:
-        """Generate for the split, score it officially, write ``generations/<split>.jsonl``."""
+                            batch_size: int = 16, accelerator=None) -> dict[str, Any]:
+        """Generate for the split, score it officially, write ``generations/<split>.jsonl``.
+
+        With an `accelerator` of several processes, process r decodes items r, r + world, …; the
+        predictions are gathered back into split order and scored on the main process, whose
+        metrics every process returns (the same numbers as one process decoding everything)."""
         model.eval()
         records = self._cap(self.generation_records(split), split)
         if not records:
             return {}
         batch_size = int(self.options.get("generation_batch_size") or batch_size)
-        predictions = self.generate(getattr(model, "module", model), records, batch_size)
-        metrics, rows = self.score_generations(records, predictions)
-        if run_dir is not None:
-            path = Path(run_dir) / "generations" / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-            log.info("%d generations of split %s written to %s", len(rows), split, path)
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        mine = self.generate(getattr(model, "module", model), records[rank::world], batch_size)
+        predictions = gather_in_order(mine, rank, world)
+        metrics: dict[str, Any] = {}
+        if rank == 0:
+            metrics, rows = self.score_generations(records, predictions)
+            if run_dir is not None:
+                path = Path(run_dir) / "generations" / f"{split}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "w", encoding="utf-8") as f:
+                    for row in rows:
+                        f.write(json.dumps(row) + "\n")
+                log.info("%d generations of split %s written to %s", len(rows), split, path)
+        if world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            metrics = broadcast_object_list([metrics])[0]
         return metrics
+
+
+def gather_in_order(mine: list, rank: int, world: int) -> list:
+    """Every process's items ``rank, rank + world, …`` gathered to all processes in split order."""
+    if world == 1:
+        return list(mine)
+    from accelerate.utils import gather_object
+
+    indexed = gather_object([(rank + world * k, item) for k, item in enumerate(mine)])
+    return [item for _, item in sorted(indexed, key=lambda pair: pair[0])]
 
 
 def flat_metrics(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,16 +1,24 @@
-"""Batched greedy decoding with a KV cache for causal LMs (SPEC §10.4).
+"""Batched greedy decoding with a KV cache: causal LMs (SPEC §10.4) and encoder-decoders (T5).
 
-:func:`greedy_decode` left-pads the prompts, passes an explicit attention mask and position ids
-(``cumsum(mask) - 1``, so every prompt starts at position 0 as it would alone), optional token-type
-ids (GPT-2's task embeddings: the prompt's own, then ``gen_token_type`` for every generated token),
-and decodes with the cache: one forward over the prompts, then one token per step. A sequence stops
-when it produces any of ``stop_ids`` (the task's special tokens; the stop token is not returned) or
-after ``max_new_tokens``. It gives the tokens of an unbatched, uncached loop that re-encodes the
-whole prefix at each step (``tests/test_decode.py``), for merged and unmerged LoRA, GPT-2 and Llama.
+:func:`greedy_decode` (causal LMs) left-pads the prompts, passes an explicit attention mask and
+position ids (``cumsum(mask) - 1``, so every prompt starts at position 0 as it would alone),
+optional token-type ids (GPT-2's task embeddings: the prompt's own, then ``gen_token_type`` for
+every generated token), and decodes with the cache: one forward over the prompts, then one token
+per step. A sequence stops when it produces any of ``stop_ids`` (the task's special tokens; the
+stop token is not returned) or after ``max_new_tokens``. It gives the tokens of an unbatched,
+uncached loop that re-encodes the whole prefix at each step (``tests/test_decode.py``), for merged
+and unmerged LoRA, GPT-2 and Llama.
+
+:func:`greedy_decode_seq2seq` (T5) right-pads the inputs, runs the encoder once per batch, then
+the decoder from ``decoder_start_token_id`` one token per step with its self-attention cache (the
+cross-attention keys/values are computed at the first step and cached too), stopping at
+``stop_ids`` (T5's eos) or after ``max_new_tokens``. It gives the tokens of an unbatched loop that
+re-runs the whole model on the full decoder prefix at each step (``tests/test_decode_seq2seq.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -58,8 +66,11 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device) if stop else None
     past = None
     step_ids, step_pos, step_tt = ids, positions, tt
+    # Only the last position's logits are read: the LM head skips the prompt (transformers ≥ 4.50).
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for _ in range(max_new_tokens):
-        kwargs = {"input_ids": step_ids, "attention_mask": mask, "position_ids": step_pos, "use_cache": True}
+        kwargs = {"input_ids": step_ids, "attention_mask": mask, "position_ids": step_pos, "use_cache": True,
+                  **last_only}
         if step_tt is not None:
             kwargs["token_type_ids"] = step_tt
         if past is not None:
@@ -68,8 +79,9 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1)
         is_stop = torch.isin(nxt, stop_t) if stop_t is not None else torch.zeros_like(done)
+        tokens = nxt.tolist()  # one device sync per step
         for i in torch.nonzero(~done & ~is_stop).flatten().tolist():
-            result[i].append(int(nxt[i]))
+            result[i].append(tokens[i])
         done |= is_stop
         if bool(done.all()):
             break
@@ -79,4 +91,57 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         if step_tt is not None:  # generated tokens: gen_token_type, or the prompt's last type
             step_tt = step_tt[:, -1:] if gen_type is None else torch.full_like(step_tt[:, -1:], gen_type)
+    return result
+
+
+@torch.no_grad()
+def greedy_decode_seq2seq(
+    model,
+    inputs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 10,
+    stop_ids: Iterable[int] = (),
+    pad_id: int = 0,
+    decoder_start_id: int | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """Greedy outputs of an encoder-decoder for `inputs` (lists of token ids), each without its
+    stop token. ``decoder_start_id`` defaults to the model's ``decoder_start_token_id``."""
+    if decoder_start_id is None:
+        config = model.config
+        decoder_start_id = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad_id
+    out: list[list[int]] = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        out += _decode_seq2seq_batch(model, chunk, max_new_tokens, set(stop_ids), pad_id, decoder_start_id)
+    return out
+
+
+def _decode_seq2seq_batch(model, inputs, max_new_tokens, stop, pad_id, start_id) -> list[list[int]]:
+    device = _device(model)
+    n, width = len(inputs), max(len(x) for x in inputs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for i, x in enumerate(inputs):  # right padding: the encoder's relative positions ignore it
+        ids[i, : len(x)] = torch.tensor(list(x), dtype=torch.long)
+        mask[i, : len(x)] = 1
+    encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    result: list[list[int]] = [[] for _ in range(n)]
+    stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device) if stop else None
+    step = torch.full((n, 1), start_id, dtype=torch.long, device=device)
+    past = None
+    for _ in range(max_new_tokens):
+        out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=step,
+                    past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+        is_stop = torch.isin(nxt, stop_t) if stop_t is not None else torch.zeros_like(done)
+        tokens = nxt.tolist()  # one device sync per step
+        for i in torch.nonzero(~done & ~is_stop).flatten().tolist():
+            result[i].append(tokens[i])
+        done |= is_stop
+        if bool(done.all()):
+            break
+        step = nxt.masked_fill(done, pad_id)[:, None]
     return result

@@ -120,13 +120,14 @@ class Trainer:
         """The task's metrics (and NLL) on a split, summed over all processes; with `save_examples`
         a classification task's per-example scores go to ``<run_dir>/predictions/<split>.jsonl``.
 
-        A task with ``evaluate_generation(model, split, run_dir, batch_size)`` (the NLG tasks,
-        :mod:`kpeft.tasks.nlg`) is scored on its generations instead (every process decodes the
-        whole split; the main one writes ``<run_dir>/generations/``)."""
+        A task with ``evaluate_generation(model, split, run_dir, batch_size, accelerator)`` (the NLG
+        tasks, :mod:`kpeft.tasks.nlg`) is scored on its generations instead (each process decodes
+        every world-th item; the main one scores them all and writes ``<run_dir>/generations/``)."""
         self.model.eval()
         if hasattr(self.task, "evaluate_generation"):
             run_dir = self.run_dir if self.acc.is_main_process else None
-            metrics = self.task.evaluate_generation(self.model, split, run_dir, self.tcfg.eval_batch_size)
+            metrics = self.task.evaluate_generation(self.model, split, run_dir, self.tcfg.eval_batch_size,
+                                                    accelerator=self.acc)
             metrics["loss"] = self.evaluate_loss(split)
             return metrics
         totals: dict[str, float] = {}

@@ -1,0 +1,86 @@
+"""Resumable table sweeps: which runs of a table a multirun launches, and how they ended.
+
+The kpeft sweeper (``hydra_plugins/kpeft_sweeper``) turns a preset's table into one Hydra job
+per row × task × seed. Command-line values of ``task``, ``method``, ``budget`` and ``seed``
+(``seed=1,2``) keep only the matching runs; every other override goes to every job. A run whose
+record is complete is not launched again (unless ``force=true``); an interrupted one restarts
+from its last checkpoint (the presets set ``resume: true``); a failed one has a ``failed``
+record and is retried by the next sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+
+from kpeft.errors import KpeftError
+from kpeft.experiments.spec import Cell, TableSpec, cells
+from kpeft.records import read_record
+
+FILTER_KEYS = ("task", "method", "budget", "seed")
+
+
+def split_arguments(arguments: Sequence[str]) -> tuple[dict[str, set[str]], list[str]]:
+    """(filters on the table's runs, overrides passed to every job)."""
+    filters: dict[str, set[str]] = {}
+    rest = []
+    for item, override in zip(arguments, OverridesParser.create().parse_overrides(list(arguments))):
+        key = override.get_key_element()
+        if key in FILTER_KEYS:
+            values = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+            filters[key] = {str(v) for v in values}
+        elif override.is_sweep_override():
+            raise KpeftError(f"'{item}': a table sweep runs each row once per task and seed; sweep "
+                             f"only {', '.join(FILTER_KEYS)} (to choose runs), or run this key's values one by one")
+        else:
+            rest.append(item)
+    return filters, rest
+
+
+def select(spec: TableSpec, filters: dict[str, set[str]]) -> list[Cell]:
+    """The table's runs that every filter admits, in sweep order (seed-major)."""
+    return [c for c in cells(spec) if all(str(getattr(c, key)) in allowed for key, allowed in filters.items())]
+
+
+@dataclass
+class Job:
+    cell: Cell
+    overrides: list[str]
+    run_dir: Path
+    done: bool  # a complete record exists and force is off
+
+
+def plan(spec: TableSpec, arguments: Sequence[str], compose: Callable[[list[str]], DictConfig]) -> list[Job]:
+    """Every selected run with its job overrides and whether it is already done (`compose`
+    resolves a job's config, i.e. its run directory)."""
+    filters, rest = split_arguments(arguments)
+    jobs = []
+    for cell in select(spec, filters):
+        overrides = [*rest, *cell.as_overrides()]
+        cfg = compose(overrides)
+        run_dir = Path(cfg.run_dir)
+        rec = read_record(run_dir)
+        done = rec is not None and rec.get("status") == "complete" and not cfg.force
+        jobs.append(Job(cell, overrides, run_dir, done))
+    return jobs
+
+
+def outcome(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+    """Jobs by the status of their record now: complete, failed, or missing (killed, or on a
+    launcher that has not finished)."""
+    out: dict[str, list[Job]] = {"complete": [], "failed": [], "missing": []}
+    for job in jobs:
+        rec = read_record(job.run_dir)
+        status = rec.get("status") if rec else None
+        out[status if status in ("complete", "failed") else "missing"].append(job)
+    return out
+
+
+def describe(job: Job) -> str:
+    c = job.cell
+    return f"{c.task} {c.method}-{c.budget} seed {c.seed}"
