@@ -17,7 +17,7 @@ TABLES := km-table1 km-table2 km-table3 it-table1 it-table2 it-table3 krona-tabl
 RUN ?=
 TABLE_ARGS ?=
 
-.PHONY: help install demo test test-slow test-all lint count clean params-table nlu-mini krona-table2 $(TABLES)
+.PHONY: help install demo test test-slow test-all lint count bench clean params-table nlu-mini krona-table2 $(TABLES)
 
 help:
 	@echo "make demo       create .venv, install, run the offline demo (~2 min on 2 cores)"
@@ -26,6 +26,7 @@ help:
 	@echo "make test-all   everything"
 	@echo "make lint       ruff"
 	@echo "make count ARGS='model=gpt2 method=lora budget=small'   parameter accounting"
+	@echo "make bench      speed/memory ratios of every method (results/bench/; ARGS='--quick' for a smoke run)"
 	@echo "make params-table   every parameter row of the papers next to our count (results/tables/params.md)"
 	@echo "make km-table1      rebuild a paper table from its records; RUN=1 first runs the missing runs"
 	@echo "                    (also km-table2/3, it-table1/2/3, krona-table1/2, lora-e2e, prefix-table, nlu-mini, table-smoke)"
@@ -58,6 +59,9 @@ lint: install
 
 count: install
 	$(BIN)/python -m kpeft.count $(ARGS)
+
+bench: install
+	$(BIN)/python -m kpeft.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

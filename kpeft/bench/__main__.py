@@ -1,0 +1,76 @@
+"""``python -m kpeft.bench [--quick] [--methods lora,krona] [--batch B] [--seq-len T] …``
+
+Prints the Markdown table, then, as the last stdout line, the result as one JSON object; writes
+``<out>/<host-kind>.json`` and ``.md`` (``results/bench/``; ``--quick`` runs write
+``<host-kind>.quick.*``). See the README's "Performance" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kpeft.bench.report import markdown
+from kpeft.bench.run import QUICK, Options, run
+from kpeft.errors import user_errors
+from kpeft.paths import REPO_ROOT
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def parse(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
+    defaults = Options()
+    p = argparse.ArgumentParser(prog="python -m kpeft.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"a seconds-long run on a tiny model ({QUICK})")
+    p.add_argument("--model", help=f"a causal LM in conf/model (default {defaults.model})")
+    p.add_argument("--methods", type=_csv, help="comma-separated method names (default: every conf/method)")
+    p.add_argument("--budgets", type=_csv, help=f"budget preference order (default {','.join(defaults.budgets)})")
+    for name in ("batch", "seq_len", "repeats", "warmup", "latency_batch", "latency_seq_len", "latency_repeats",
+                 "decode_batch", "decode_prompts", "decode_prompt_len", "decode_new_tokens", "decode_repeats",
+                 "krona_repeats", "peft_rank", "threads", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(defaults, name)}")
+    p.add_argument("--target-frac", type=float, help=f"scored part of a training row (default {defaults.target_frac})")
+    p.add_argument("--device", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--clock", choices=("auto", "wall", "cpu"),
+                   help="CPU timer: process CPU time (default with one thread) or wall time")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench", help="where the .json/.md go")
+    p.add_argument("--no-save", action="store_true", help="print only")
+    args = p.parse_args(list(argv))
+    values = dict(QUICK) if args.quick else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Options)
+                   if getattr(args, f.name, None) is not None})
+    return Options(**values), args
+
+
+def save(result: dict, out: Path, quick: bool) -> Path:
+    """``<out>/<host-kind>[.quick].json`` and ``.md``; returns the JSON path."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result["setup"]["host_kind"] + (".quick" if quick else "")
+    path = out / f"{stem}.json"
+    result["setup"]["saved_to"] = str(path)
+    (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+@user_errors
+def main(argv: Sequence[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    opts, args = parse(sys.argv[1:] if argv is None else argv)
+    result = run(opts)
+    if not args.no_save:
+        save(result, args.out, args.quick)
+    print(markdown(result))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
