@@ -10,15 +10,17 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import config, tiny_model
+from helpers import config, method_cfg, tiny_model
 from omegaconf import OmegaConf
 
+from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model
 from kpeft.bench import report
 from kpeft.bench.__main__ import main
 from kpeft.bench.measure import kron_paths, train_step
 from kpeft.bench.timing import Clock, peak_bytes, resident_bytes, round_robin
 from kpeft.bench.zoo import build_method, shared_copy
+from kpeft.methods import apply_method
 from kpeft.methods.base import add_blocks
 from kpeft.methods.dropout import BranchDropout, branch_dropout
 from kpeft.tasks.base import IGNORE, Task
@@ -222,3 +224,32 @@ def test_quick_bench_prints_and_saves_every_key(tmp_path, capsys):
     assert printed["setup"]["krona"]["a_shape"] == [4, 8]  # T5 shapes do not fit width 32: near-square ones
     assert all(set(v) == {"value", "target", "met"} for v in printed["targets"].values())
     assert len(printed["targets"]) == 6 + 8 + 3 + 3  # train (no finetune/bitfit), memory, merged, decode/KronA
+
+
+def test_prefix_table_split_once_per_forward_gives_the_gradients_of_a_plain_table():
+    """Training reads one table per forward, split into per-layer views: the loss and the MLP's
+    gradients equal those of the same prefixes as a plain table, chained through the MLP."""
+    cfg = config("model=tiny_gpt2")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+
+    def prefixed(*overrides):
+        model = load_model(cfg.model, "causal_lm", seed=0).eval()  # no dropout; gradients still on
+        adapted = apply_method(model, describe(model), method_cfg("prefix", *overrides, budget="small"))
+        return model, adapted.components["prefix"][0]
+
+    model, prefix = prefixed()
+    logits = model(input_ids=ids).logits
+    with torch.no_grad():  # evaluation slices each layer's block out of a cached table
+        assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-6)
+    loss = logits.square().mean()
+    loss.backward()
+    plain_model, plain = prefixed("method.components.prefix.reparam=false")
+    with torch.no_grad():
+        plain.table.copy_(prefix.prefix_table())
+    plain_loss = plain_model(input_ids=ids).logits.square().mean()
+    plain_loss.backward()
+    assert torch.allclose(loss, plain_loss, rtol=1e-6)
+    params = [p for p in prefix.parameters()]
+    expected = torch.autograd.grad(prefix.prefix_table(), params, grad_outputs=plain.table.grad)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.grad, e, rtol=1e-5, atol=1e-8)

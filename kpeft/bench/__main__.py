@@ -37,6 +37,8 @@ def parse(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
                  "krona_repeats", "peft_rank", "threads", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(defaults, name)}")
     p.add_argument("--target-frac", type=float, help=f"scored part of a training row (default {defaults.target_frac})")
+    p.add_argument("--slow-factor", type=float,
+                   help=f"time once the models whose warm-up step is this many times PEFT's (default {defaults.slow_factor:g})")
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"),
                    help="CPU timer: process CPU time (default with one thread) or wall time")

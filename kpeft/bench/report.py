@@ -135,11 +135,14 @@ def markdown(result: dict) -> str:
     missed = [k for k, v in checks.items() if not v["met"]]
     lines.append(f"Targets met: {len(checks) - len(missed)} of {len(checks)}" + (f"; missed: {', '.join(missed)}." if missed else "."))
     lines.append("")
+    once = setup.get("timed_once") or []
     lines.append(
         f"Set-up: model `{setup['model']}` (random init), training batch {setup['batch']} × {setup['seq_len']} tokens "
-        f"({setup['target_tokens']} scored per row), {setup['repeats']} interleaved repeats (medians); latency batch "
-        f"{setup['latency']['batch']} × {setup['latency']['seq_len']}, {setup['latency']['repeats']} repeats; "
-        f"{setup['threads']} threads; torch {setup['versions']['torch']}, transformers {setup['versions']['transformers']}, "
-        f"peft {setup['versions']['peft']}; {setup['wall_s']:.0f} s."
+        f"({setup['target_tokens']} scored per row), {setup['repeats']} interleaved repeats (medians"
+        + (f"; {', '.join(once)} timed once: warm-up step > {setup['slow_factor']:g}× PEFT LoRA's" if once else "")
+        + f"); latency batch {setup['latency']['batch']} × {setup['latency']['seq_len']}, "
+        f"{setup['latency']['repeats']} repeats; {setup['threads']} thread(s), {setup['clock']} clock; "
+        f"torch {setup['versions']['torch']}, transformers {setup['versions']['transformers']}, "
+        f"peft {setup['versions']['peft']}; {setup['wall_s']:.0f} s wall."
     )
     return "\n".join(lines) + "\n"

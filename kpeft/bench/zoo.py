@@ -45,6 +45,7 @@ class Entry:
     params: list[nn.Parameter] = field(default_factory=list)
     trainable: int = 0
     trainable_pct: float = 0.0
+    first_step_s: float = 0.0  # the untimed warm-up step (it also checks that the model trains)
 
     @property
     def mergeable(self) -> bool:

@@ -69,6 +69,7 @@ class PrefixTuning(AttentionComponent):
             self.table = nn.Parameter(torch.empty(length, 2 * n_layers * self.d_kv, **kw))
             nn.init.normal_(self.table)
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._blocks: tuple[tuple, tuple[torch.Tensor, ...]] | None = None  # one forward's layer blocks
 
     def stored_numel(self) -> int:
         """Only the computed prefixes are kept after training: 2·L·l·d_kv."""
@@ -84,15 +85,22 @@ class PrefixTuning(AttentionComponent):
 
     def layer_kv(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of attention module `index`, each ``(H_kv, l, p)``."""
-        cols = slice(2 * index * self.d_kv, 2 * (index + 1) * self.d_kv)
-        if not torch.is_grad_enabled():
-            kv = self._frozen_table()[:, cols]
-        elif self.reparam:
-            kv = F.linear(self._hidden(), self.down.weight[cols], self.down.bias[cols])
+        if torch.is_grad_enabled():
+            kv = self._layer_blocks(index)
         else:
-            kv = self.table[:, cols]
+            kv = self._frozen_table()[:, 2 * index * self.d_kv: 2 * (index + 1) * self.d_kv]
         kv = kv.view(self.length, 2, self.num_kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
+
+    def _layer_blocks(self, index: int) -> torch.Tensor:
+        """Module `index`'s column block of the table, computed once per forward (the modules ask
+        in order, starting at 0) and split into per-module views: ``split``'s backward writes the
+        table's gradient once, where a slice per module (of the table or of the MLP's output
+        weight) would zero-fill a gradient of the whole table or weight per module."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if index == 0 or self._blocks is None or self._blocks[0] != key:
+            self._blocks = (key, self.prefix_table().split(2 * self.d_kv, dim=1))
+        return self._blocks[1][index]
 
     def _frozen_table(self) -> torch.Tensor:
         """The table computed once per parameter state (evaluation, generation)."""
