@@ -103,6 +103,21 @@ def test_every_method_budget_pair_composes_and_resolves(method, budget):
         assert resolved["components"]["lora"]["r"] == OmegaConf.load(CONF_DIR / "budget" / f"{budget}.yaml").lora.r
 
 
+HOME_BUDGETS = {"compacter": "t5_glue", "krona": "t5_glue", "krona_b": "t5_glue", "krona_b_res": "t5_glue",
+                "kernel_wise_lite_qv": "small", "kernel_mix_lite_qv": "small", "prompt_tuning": "small"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_without_budget_every_method_runs_at_intermediate_or_its_home_budget(method):
+    """The root default is `intermediate`; a method it does not size names the budget it was
+    published at; an explicit budget= and an experiment preset's budget still win."""
+    assert compose([f"method={method}"]).budget.name == HOME_BUDGETS.get(method, "intermediate")
+    if _fits(method, "tiny"):
+        assert compose([f"method={method}", "budget=tiny"]).budget.name == "tiny"
+    if _fits(method, "nlu"):
+        assert compose(["experiment=nlu_mini", f"method={method}"]).budget.name == "nlu"
+
+
 def test_lora_yaml_values_reach_the_typed_component():
     cfg = compose(["method=lora", "budget=intermediate"])
     lora = cfg.method.components.lora

@@ -129,7 +129,7 @@ def test_format_follows_the_backbone(make_cfg):
     assert task_class(make_cfg("model=tiny_roberta", "task=glue_mnli").task) is Glue
     assert task_class(make_cfg("model=tiny_roberta", "task=glue_mnli", "task.options.format=text2text").task) is GlueText2Text
     assert task_class(make_cfg(*T5, "task=glue_rte", "task.options.format=classification").task) is Glue
-    cfg = make_cfg("model=t5_base", "method=krona", "budget=t5_glue", "task=glue_mnli")  # the documented path
+    cfg = make_cfg("model=t5_base", "method=krona", "task=glue_mnli")  # the documented path
     task = task_class(cfg.task)(cfg.task)
     assert (task.kind, task.head) == ("seq2seq", "seq2seq")
     with pytest.raises(KpeftError, match="task.options.format must be auto, classification or text2text"):
@@ -261,3 +261,70 @@ def test_krona_recipe_trains_and_scores_tiny_t5_end_to_end(make_cfg, folders, tm
         assert row["score"] == float(row["prediction"] == row["label"])
     assert test["accuracy"] == pytest.approx(100 * sum(r["score"] for r in rows) / 6)
     assert test["invalid"] == pytest.approx(100 * sum(parse_output("rte", r["output"]) is None for r in rows) / 6)
+
+
+# ---------------------------------------------------------------- the issue's run path
+MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+               "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
+
+
+def mnli_folder(root):
+    """MNLI in GLUE's 16-column layout: dev from the shared 1,000-pair samples, the HF dummy train."""
+    mnli = root / "MNLI"
+    mnli.mkdir()
+    for which in ("matched", "mismatched"):
+        rows = [line.split("\t") for line in (GLUE / "MNLI" / f"textfooler_mnli_{which}_1000.txt").read_text().splitlines()]
+        body = "".join(f"{i}\t0\t0n\tg\t\t\t\t\t{p}\t{h}\t{lab}\t\t\t\t\t{lab}\n" for i, (lab, p, h) in enumerate(rows))
+        (mnli / f"dev_{which}.tsv").write_text(MNLI_HEADER + "\n" + body)
+    shutil.copy(GLUE / "format_samples_hf_dummy" / "MNLI" / "train.tsv", mnli / "train.tsv")
+    return mnli
+
+
+def test_krona_on_t5_needs_no_budget_argument(make_cfg):
+    """`model=t5_base method=krona task=glue_mnli` composes at KronA's own budget (t5_glue, 0.07%)."""
+    from kpeft.count import count_parameters
+
+    cfg = make_cfg("model=t5_base", "method=krona", "task=glue_mnli")
+    assert (cfg.budget.name, list(cfg.method.components.krona.a_shape)) == ("t5_glue", [32, 24])
+    assert count_parameters(cfg).trainable == 158_208
+
+
+@needs_glue
+@needs_t5_tokenizer
+def test_krona_mnli_run_path_without_a_budget_on_tiny_t5(make_cfg, tmp_path):
+    """The issue's command on tiny_t5 (T5's vocabulary) and the shared MNLI samples: text-to-text,
+    He et al.'s split (dev as test, matched and mismatched), a complete record with both accuracies."""
+    from kpeft.train import run
+
+    cfg = make_cfg(*T5, "model.architecture.vocab_size=32128", "method=krona", "task=glue_mnli",
+                   "budget.krona.a_shape=[4,8]", "budget.krona.b_shape=[8,4]", f"task.data_dir={mnli_folder(tmp_path)}",
+                   "task.options.max_train_examples=8", "task.options.max_eval_examples=6", "train.batch_size=4",
+                   "train.epochs=1", "train.eval_batch_size=6", "seed=1")
+    assert cfg.budget.name == "t5_glue" and cfg.task.options.protocol == "he"
+    record = run(cfg)
+    assert record["status"] == "complete" and record["metric"] == "mnli_mm"
+    assert record["config"]["budget"]["name"] == "t5_glue"
+    assert {"accuracy", "mnli_m", "mnli_mm", "invalid"} <= set(record["metrics"]["test"])
+    assert record["score"] == record["metrics"]["test"]["mnli_mm"]
+
+
+@needs_glue
+@needs_t5_tokenizer
+def test_krona_mnli_command_on_t5_base_random_init(tmp_path):
+    """`python -m kpeft.train model=t5_base method=krona task=glue_mnli`, offline: T5-base's
+    architecture without weights, the shared T5 tokenizer and MNLI samples, two steps (~15 s)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "kpeft.train", "model=t5_base", "method=krona", "task=glue_mnli",
+           "model.init=random", f"model.tokenizer={T5_TOKENIZER}", f"task.data_dir={mnli_folder(tmp_path)}",
+           f"output_root={tmp_path / 'runs'}", "task.options.max_train_examples=8", "task.options.max_eval_examples=4",
+           "task.options.max_new_tokens=3", "train.batch_size=4", "train.epochs=1", "train.eval_batch_size=4",
+           "train.progress=false"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record_path = tmp_path / "runs" / "default" / "glue_mnli" / "t5_base" / "krona-t5_glue" / "seed123" / "record.json"
+    assert f"→  {record_path}" in out.stdout.splitlines()[-1]
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "complete" and record["params"]["trainable"] == 158_208
+    assert set(record["metrics"]["test"]) >= {"accuracy", "mnli_m", "mnli_mm", "invalid"}

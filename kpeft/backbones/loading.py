@@ -144,6 +144,15 @@ def load_model(
         ) from None
 
 
+# The tokenizer files among the shared benchmark samples, by backbone family.
+_SHARED_TOKENIZERS = {"gpt2": "GPT-2 BPE: ../shared/data/tokenizers/gpt2", "t5": "T5 SentencePiece: ../shared/data/tokenizers/t5"}
+
+
+def _offline_tokenizer_hint(mcfg: DictConfig) -> str:
+    hint = _SHARED_TOKENIZERS.get(str(mcfg.get("family")))
+    return f" ({hint})" if hint else " (an HF tokenizer directory)"
+
+
 def load_tokenizer(mcfg: DictConfig):
     """The tokenizer: ``model.tokenizer`` if set (hub id, HF directory, a folder with GPT-2's
     ``encoder.json`` + ``vocab.bpe``, or one with T5's ``spiece.model``), else the model's own."""
@@ -163,7 +172,7 @@ def load_tokenizer(mcfg: DictConfig):
     except OSError as err:
         raise KpeftError(
             f"could not load the tokenizer of '{mcfg.name}' from '{src}' ({str(err).splitlines()[0]}); "
-            "offline, point model.tokenizer at local files (GPT-2 BPE: ../shared/data/tokenizers/gpt2)"
+            f"offline, point model.tokenizer at local files{_offline_tokenizer_hint(mcfg)}"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -178,8 +178,17 @@ class GlueText2Text(Glue):
         return targets
 
     def _cap(self, items: list, split: str) -> list:
+        """The first ``cap`` records; where records name a subset (MNLI matched / mismatched), the
+        cap is shared evenly between the subsets so that every subset's metric exists."""
         cap = self.options.get("max_train_examples" if split == "train" else "max_eval_examples")
-        return items if cap is None else items[: int(cap)]
+        if cap is None:
+            return items
+        subsets = list(dict.fromkeys(r.get("subset", "") for r in items))
+        if len(subsets) < 2:
+            return items[: int(cap)]
+        per = -(-int(cap) // len(subsets))
+        keep = {s: set([i for i, r in enumerate(items) if r.get("subset", "") == s][:per]) for s in subsets}
+        return [r for i, r in enumerate(items) if i in keep[r.get("subset", "")]][: int(cap)]
 
     def encode(self, records: Sequence[Record]) -> list[Example]:
         """Input ids of :func:`source_text` (truncated to ``task.max_length``) and label ids of
