@@ -305,3 +305,40 @@ def test_a_short_training_run_lowers_the_loss(tmp_path):
     assert record["status"] == "complete"
     assert record["params"]["trainable"] == 256 + 28
     assert record["metrics"]["test"]["loss"] < 0.92 * record["metrics"]["untrained"]["loss"]  # 5.53 → 4.84
+
+
+def test_the_random_projection_counts_as_resident_memory():
+    """kpeft.bench charges SAID for its regenerated Fastfood tensors (signs int8, permutation
+    indices, Gaussian diagonal), which are neither parameters nor buffers."""
+    from kpeft.bench.timing import resident_bytes
+
+    model = tiny_model("gpt2")
+    _, comp = said(model)
+    assert comp.resident_tensors() == []  # generated lazily, at the first projection
+    without = resident_bytes(model)
+    output(model, inputs("gpt2"))
+    signs, perm, gauss = comp.resident_tensors()
+    n = comp.projection.n_blocks * comp.projection.block
+    assert (signs.numel(), perm.numel(), gauss.numel()) == (n, n, n)
+    assert resident_bytes(model) - without == n * (1 + perm.element_size() + 4)
+
+
+def test_split_pieces_give_the_same_gradients_as_slices():
+    """The pieces are one `split` of P(θ^d) (one concatenation in backward, not a zero-filled
+    D-vector per slice): gradients equal those through per-piece slices of the same vector."""
+    model = tiny_model("gpt2")
+    batch = inputs("gpt2")
+    _, comp = said(model)
+    randomise_said(comp)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    split_grad = comp.theta_d.grad.clone()
+    delta = comp.project()
+    sliced = [delta[p.offset:p.offset + p.numel] for p in comp.pieces]
+    weights = torch.randn(comp.D)
+    sum((s * weights[p.offset:p.offset + p.numel]).sum() for s, p in zip(sliced, comp.pieces)).backward()
+    via_slices = comp.theta_d.grad - split_grad
+    comp.theta_d.grad = None
+    parts = comp.split(comp.project())
+    sum((s * weights[p.offset:p.offset + p.numel]).sum() for s, p in zip(parts, comp.pieces)).backward()
+    torch.testing.assert_close(comp.theta_d.grad, via_slices)
+    assert [t.numel() for t in parts] == [p.numel for p in comp.pieces] and sum(comp._sizes) == comp.D

@@ -20,11 +20,12 @@ from kpeft.bench.zoo import (
     build_backbone_entry,
     build_method,
     build_peft_lora,
-    kron_fallback,
     load_backbone,
+    near_square,
 )
 from kpeft.compose import available
 from kpeft.methods.kron import KronA
+from kpeft.tasks.base import IGNORE
 
 log = logging.getLogger("kpeft.bench")
 
@@ -43,7 +44,7 @@ class Options:
     warmup: int = 1  # untimed steps per model (the first one also checks that it trains)
     latency_batch: int = 1  # KronA Appendix C: batch 1, sequence length 10
     latency_seq_len: int = 10
-    latency_repeats: int = 30
+    latency_repeats: int = 40
     decode_batch: int = 16
     decode_prompts: int = 16
     decode_prompt_len: int = 24
@@ -51,7 +52,7 @@ class Options:
     decode_repeats: int = 5
     krona_repeats: int = 20
     peft_rank: int = 54
-    slow_factor: float = 4.0  # models whose warm-up step is this much slower than PEFT's are timed once
+    slow_factor: float = 8.0  # models whose warm-up step is this much slower than PEFT's are timed once
     threads: int = 1  # torch threads; 0: torch's default
     clock: str = "auto"  # CPU: "cpu" (process CPU time) with one thread, else "wall"
     device: str = "auto"
@@ -104,12 +105,40 @@ def build_entries(opts: Options, base, methods: list[str], batch, clock: Clock) 
 
 
 def _kron_shapes(entries: list[Entry], d: int) -> tuple[list[int], list[int]]:
+    """The factor shapes of the benchmarked KronA (else near-square ones for width `d`)."""
     for e in entries:
         for comp in e.adapted.all_components() if e.adapted else ():
             if isinstance(comp, KronA):
                 return list(comp.A.shape), list(comp.B.shape)
-    a, b = (re.search(r"\[(\d+),(\d+)\]", o).groups() for o in kron_fallback("krona", d))
-    return [int(a[0]), int(a[1])], [int(b[0]), int(b[1])]
+    return near_square(d)
+
+
+def _train_phase(opts: Options, peft: Entry, entries: list[Entry], batch, clock: Clock) -> tuple[dict, list[Entry]]:
+    """Median step times, and the models timed once: far slower ones (SAID's projection, a long
+    soft prompt) are far from any target."""
+    slow = [e for e in entries if e.first_step_s > opts.slow_factor * peft.first_step_s]
+    fast = [peft, *(e for e in entries if e not in slow)]
+    log.info("training steps: %d models × %d repeats, %d once", len(fast), opts.repeats, len(slow))
+    train_s = measure.train_times(fast, batch, opts.repeats, clock, opts.warmup - 1)
+    train_s.update(measure.train_times(slow, batch, 1, clock, opts.warmup - 1))
+    return train_s, slow
+
+
+def _latency_phase(opts: Options, backbone: Entry, entries: list[Entry], ids, clock: Clock):
+    """Unmerged latencies of every model, then merged ones of the mergeable methods (timed with
+    the backbone and full fine-tuning again, in the same rounds)."""
+    log.info("inference latency")
+    latency_s = measure.latencies([backbone, *entries], ids, opts.latency_repeats, clock)
+    mergeable = [e for e in entries if e.mergeable]
+    reference = [e for e in [backbone, *entries] if e.name in (BACKBONE, report.FINETUNE)]
+    for e in mergeable:
+        e.adapted.merge()
+    try:
+        merged_s = measure.latencies([*reference, *mergeable], ids, opts.latency_repeats, clock)
+    finally:
+        for e in mergeable:
+            e.adapted.unmerge()
+    return latency_s, merged_s, [e.name for e in mergeable]
 
 
 def run(opts: Options) -> dict:
@@ -146,28 +175,12 @@ def _measure(opts: Options, device: torch.device, clock: Clock) -> dict:
     peft = warm_up(build_peft_lora(base, opts.model, r=opts.peft_rank), batch, clock)
     log.info("built %d methods (%s skipped)", len(entries), ", ".join(skipped) or "none")
 
-    # Far slower models (SAID's projection, a long soft prompt) are far from any target: timed once.
-    slow = [e for e in entries if e.first_step_s > opts.slow_factor * peft.first_step_s]
-    fast = [peft, *(e for e in entries if e not in slow)]
-    log.info("training steps: %d models × %d repeats, %d once", len(fast), opts.repeats, len(slow))
-    train_s = measure.train_times(fast, batch, opts.repeats, clock, opts.warmup - 1)
-    train_s.update(measure.train_times(slow, batch, 1, clock, opts.warmup - 1))
+    train_s, slow = _train_phase(opts, peft, entries, batch, clock)
     log.info("peak memory")
     peak = measure.peak_memory([peft, *entries], batch, device)
-
     ids = torch.randint(0, vocab, (opts.latency_batch, opts.latency_seq_len),
                         generator=torch.Generator().manual_seed(opts.seed)).to(device)
-    log.info("inference latency")
-    latency_s = measure.latencies([backbone, *entries], ids, opts.latency_repeats, clock)
-    mergeable = [e for e in entries if e.mergeable]
-    reference = [e for e in [backbone, *entries] if e.name in (BACKBONE, report.FINETUNE)]
-    for e in mergeable:
-        e.adapted.merge()
-    try:
-        merged_s = measure.latencies([*reference, *mergeable], ids, opts.latency_repeats, clock)
-    finally:
-        for e in mergeable:
-            e.adapted.unmerge()
+    latency_s, merged_s, mergeable = _latency_phase(opts, backbone, entries, ids, clock)
 
     log.info("greedy decoding")
     prompts = measure.random_prompts(vocab, opts.decode_prompts, opts.decode_prompt_len, opts.seed)
@@ -176,7 +189,7 @@ def _measure(opts: Options, device: torch.device, clock: Clock) -> dict:
     a_shape, b_shape = _kron_shapes(entries, d)
     kron = measure.krona_speedup(a_shape, b_shape, opts.batch * opts.seq_len, opts.krona_repeats, clock, device)
 
-    result = report.ratios(built, [e.name for e in mergeable], train_s, peak, latency_s, merged_s)
+    result = report.ratios(built, mergeable, train_s, peak, latency_s, merged_s)
     tps = decode["tokens_per_s"]
     result.update(
         decode_speedup_vs_naive=round(tps["ours"] / tps["naive"], 3),
@@ -199,7 +212,7 @@ def _measure(opts: Options, device: torch.device, clock: Clock) -> dict:
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
         "methods": built,
         "timed_once": [e.name for e in slow],
-        "target_tokens": int((batch["labels"][0, 1:] != measure.IGNORE).sum()),
+        "target_tokens": int((batch["labels"][0, 1:] != IGNORE).sum()),
         "latency": {"batch": opts.latency_batch, "seq_len": opts.latency_seq_len, "repeats": opts.latency_repeats},
         "decode": {"batch": opts.decode_batch, "prompts": opts.decode_prompts, "prompt_len": opts.decode_prompt_len,
                    "new_tokens": opts.decode_new_tokens, "repeats": opts.decode_repeats},

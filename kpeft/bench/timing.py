@@ -87,9 +87,11 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Bytes that persist between steps: parameters, buffers and optimizer state (each storage
-    once: tied weights count once)."""
+    """Bytes that persist between steps: parameters, buffers, optimizer state and what components
+    keep besides (``resident_tensors()``, e.g. SAID's random projection); each storage once (tied
+    weights count once)."""
     tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for m in model.modules() if hasattr(m, "resident_tensors") for t in m.resident_tensors()]
     if optimizer is not None:
         tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     seen: dict[int, int] = {}

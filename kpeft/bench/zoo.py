@@ -81,12 +81,18 @@ def _privatise_trained(model: nn.Module, shared: set[int]) -> None:
             p.data = p.data.clone()
 
 
-def kron_fallback(method: str, d: int) -> tuple[str, ...]:
-    """Near-square KronA factors for width `d` (768 → A (24, 32), B (32, 24)), used when the
-    budget's shapes do not fit the backbone (the tiny test models)."""
+def near_square(d: int) -> tuple[list[int], list[int]]:
+    """KronA factors for a d×d map with near-square A and B (768 → A (24, 32), B (32, 24))."""
     m = min((a for a in range(1, d + 1) if d % a == 0), key=lambda a: (abs(a - math.sqrt(d)), a))
+    return [m, d // m], [d // m, m]
+
+
+def kron_fallback(method: str, d: int) -> tuple[str, ...]:
+    """Budget overrides with :func:`near_square` factors, used when the budget's shapes do not fit
+    the backbone (the tiny test models)."""
+    (m1, n1), (m2, n2) = near_square(d)
     section = KRON_SECTIONS[method]
-    return (f"budget.{section}.a_shape=[{m},{d // m}]", f"budget.{section}.b_shape=[{d // m},{m}]")
+    return (f"budget.{section}.a_shape=[{m1},{n1}]", f"budget.{section}.b_shape=[{m2},{n2}]")
 
 
 def method_config(model: str, method: str, budgets: tuple[str, ...] = BUDGETS) -> DictConfig:

@@ -31,6 +31,11 @@ class Component(nn.Module):
         methods such as prefix-tuning)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """Tensors the component keeps alive outside its parameters and buffers (memory
+        accounting, e.g. SAID's regenerated random projection); none by default."""
+        return []
+
 
 class WeightComponent(Component):
     """A branch parallel to one projection (or one column block of a fused projection)."""

@@ -170,7 +170,8 @@ class SAID(Component):
         self.theta_d = nn.Parameter(torch.zeros(d, device=device))  # θ^d = 0: the frozen model
         self.lambdas = nn.Parameter(torch.ones(len(pieces), device=device)) if structured else None
         self.merged = False
-        self._cache: torch.Tensor | None = None
+        self._sizes = [p.numel for p in pieces]  # pieces are consecutive in the D-vector (offsets)
+        self._cache: tuple[torch.Tensor, ...] | None = None
         self._cache_key: tuple | None = None
         self._depth = 0  # > 0 inside a model forward (set by the hooks)
         self.projections_computed = 0  # how many times P(θ^d) was formed (efficiency tests)
@@ -186,16 +187,23 @@ class SAID(Component):
         with torch.autocast(self.theta_d.device.type, enabled=False):
             return self.projection(self.theta_d.float())
 
-    def delta(self) -> torch.Tensor:
-        """The cached ``P(θ^d)``: formed once per model forward while training, once per value of
-        θ^d otherwise. Outside a model forward with gradients it is formed afresh (never a stale graph)."""
+    def split(self, delta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``P(θ^d)`` as one flat view per piece. One ``split`` rather than a slice per piece: a
+        slice's backward writes its gradient into a zero-filled D-vector, so 148 slices of GPT-2
+        cost 148 full-size fills and adds per step; ``split``'s backward is one concatenation."""
+        return delta.split(self._sizes)
+
+    def delta(self) -> tuple[torch.Tensor, ...]:
+        """The cached ``P(θ^d)`` pieces (:meth:`split`): formed once per model forward while
+        training, once per value of θ^d otherwise. Outside a model forward with gradients they are
+        formed afresh (never a stale graph)."""
         grad = torch.is_grad_enabled() and self.theta_d.requires_grad
         t = self.theta_d
         key = (t._version, t.data_ptr(), t.device, grad)
         reusable = not grad or self._depth > 0
         if self._cache is not None and self._cache_key == key and reusable:
             return self._cache
-        out = self.project()
+        out = self.split(self.project())
         if reusable:
             self._cache, self._cache_key = out, key
         return out
@@ -207,13 +215,13 @@ class SAID(Component):
 
     def _exit(self, module, args, output) -> None:
         self._depth = max(0, self._depth - 1)
-        if self._depth == 0 and self._cache is not None and self._cache.requires_grad:
+        if self._depth == 0 and self._cache is not None and self._cache[0].requires_grad:
             self._cache = None  # backward owns the graph now
 
-    def update(self, piece: Piece, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """``λ_i P(θ^d)_i`` shaped like the piece (float32)."""
-        delta = self.delta() if delta is None else delta
-        out = delta[piece.offset : piece.offset + piece.numel].view(piece.shape)
+    def update(self, piece: Piece, parts: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``λ_i P(θ^d)_i`` shaped like the piece (float32); `parts` as :meth:`delta` gives them."""
+        parts = self.delta() if parts is None else parts
+        out = parts[piece.index].view(piece.shape)
         return out * self.lambdas[piece.index] if self.lambdas is not None else out
 
     # ------------------------------------------------------------ merging
@@ -222,20 +230,25 @@ class SAID(Component):
         """Bake ``λ_i P(θ^d)_i`` into every perturbed tensor; the parametrizations then return the
         stored tensors unchanged (no projection runs)."""
         if not self.merged:
-            delta = self.project()
+            parts = self.split(self.project())
             for piece in self.pieces:
                 target = piece.target()
-                target += self.update(piece, delta).to(target.dtype)
+                target += self.update(piece, parts).to(target.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            delta = self.project()
+            parts = self.split(self.project())
             for piece in self.pieces:
                 target = piece.target()
-                target -= self.update(piece, delta).to(target.dtype)
+                target -= self.update(piece, parts).to(target.dtype)
             self.merged = False
+
+    def resident_tensors(self) -> list[torch.Tensor]:
+        """The Fastfood signs, permutations and Gaussian diagonals, once generated (about 9 bytes
+        per perturbed parameter: more than the frozen tensors' own 4)."""
+        return list(self.projection._tensors or ())
 
     def extra_repr(self) -> str:
         return (
@@ -256,20 +269,20 @@ class _Shifted(nn.Module):
         said = self.said
         if said.merged:
             return w
-        delta = said.delta()
+        parts = said.delta()
         if self.pieces[0].region is None:
-            return w + said.update(self.pieces[0], delta).to(w.dtype)
+            return w + said.update(self.pieces[0], parts).to(w.dtype)
         dim = self.pieces[0].region[0]  # blocks of one dimension: zeros in between
-        parts, pos = [], 0
+        blocks, pos = [], 0
         for piece in self.pieces:
             _, start, stop = piece.region
             if start > pos:
-                parts.append(w.new_zeros(()).expand(w.narrow(dim, pos, start - pos).shape))  # zero-stride gap
-            parts.append(said.update(piece, delta).to(w.dtype))
+                blocks.append(w.new_zeros(()).expand(w.narrow(dim, pos, start - pos).shape))  # zero-stride gap
+            blocks.append(said.update(piece, parts).to(w.dtype))
             pos = stop
         if pos < w.shape[dim]:
-            parts.append(w.new_zeros(()).expand(w.narrow(dim, pos, w.shape[dim] - pos).shape))
-        return w + torch.cat(parts, dim)
+            blocks.append(w.new_zeros(()).expand(w.narrow(dim, pos, w.shape[dim] - pos).shape))
+        return w + torch.cat(blocks, dim)
 
 
 # ---------------------------------------------------------------- which tensors
