@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,20 @@ def check_merge_round_trip(adapted, batch: dict[str, torch.Tensor], branches, un
     finally:
         for h in hooks:
             h.remove()
+
+
+MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+               "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
+
+
+def mnli_folder(glue: Path, root: Path) -> Path:
+    """``root/MNLI`` in GLUE's 16-column layout, built from the shared samples in `glue`: dev
+    matched / mismatched from the 1,000-pair files, train from the HF dummy sample."""
+    mnli = root / "MNLI"
+    mnli.mkdir()
+    for which in ("matched", "mismatched"):
+        rows = [line.split("\t") for line in (glue / "MNLI" / f"textfooler_mnli_{which}_1000.txt").read_text().splitlines()]
+        body = "".join(f"{i}\t0\t0n\tg\t\t\t\t\t{p}\t{h}\t{lab}\t\t\t\t\t{lab}\n" for i, (lab, p, h) in enumerate(rows))
+        (mnli / f"dev_{which}.tsv").write_text(MNLI_HEADER + "\n" + body)
+    shutil.copy(glue / "format_samples_hf_dummy" / "MNLI" / "train.tsv", mnli / "train.tsv")
+    return mnli

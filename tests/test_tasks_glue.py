@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import mnli_folder
 
 from kpeft.errors import KpeftError
 from kpeft.metrics.glue import glue_metrics
@@ -19,8 +20,6 @@ from kpeft.tasks.glue import permutation
 
 GLUE = shared_data_dir() / "glue"
 pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason=f"needs the shared GLUE samples in {GLUE}")
-MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-               "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
 
 
 def glue(make_cfg, name, data_dir, *overrides):
@@ -44,15 +43,7 @@ def folders(tmp_path):
     shutil.copy(GLUE / "RTE" / "val.jsonl", rte / "val.jsonl")
     shutil.copy(GLUE / "RTE" / "val.jsonl", rte / "train.jsonl")
     out["rte"] = rte
-    # MNLI in GLUE's 16-column layout, from the 1,000-pair matched / mismatched samples
-    mnli = tmp_path / "MNLI"
-    mnli.mkdir()
-    for which in ("matched", "mismatched"):
-        rows = [line.split("\t") for line in (GLUE / "MNLI" / f"textfooler_mnli_{which}_1000.txt").read_text().splitlines()]
-        body = "".join(f"{i}\t0\t0n\tg\t\t\t\t\t{p}\t{h}\t{lab}\t\t\t\t\t{lab}\n" for i, (lab, p, h) in enumerate(rows))
-        (mnli / f"dev_{which}.tsv").write_text(MNLI_HEADER + "\n" + body)
-    shutil.copy(GLUE / "format_samples_hf_dummy" / "MNLI" / "train.tsv", mnli / "train.tsv")
-    out["mnli"] = mnli
+    out["mnli"] = mnli_folder(GLUE, tmp_path)  # GLUE's 16-column layout, from the 1,000-pair samples
     # MRPC from the raw Microsoft files; dev_ids = GLUE's own first 8 dev pairs + 2 more real ids
     mrpc = tmp_path / "MRPC"
     mrpc.mkdir()

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import mnli_folder
 
 from kpeft.backbones.loading import load_tokenizer
 from kpeft.errors import KpeftError
@@ -264,22 +265,6 @@ def test_krona_recipe_trains_and_scores_tiny_t5_end_to_end(make_cfg, folders, tm
 
 
 # ---------------------------------------------------------------- the issue's run path
-MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-               "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
-
-
-def mnli_folder(root):
-    """MNLI in GLUE's 16-column layout: dev from the shared 1,000-pair samples, the HF dummy train."""
-    mnli = root / "MNLI"
-    mnli.mkdir()
-    for which in ("matched", "mismatched"):
-        rows = [line.split("\t") for line in (GLUE / "MNLI" / f"textfooler_mnli_{which}_1000.txt").read_text().splitlines()]
-        body = "".join(f"{i}\t0\t0n\tg\t\t\t\t\t{p}\t{h}\t{lab}\t\t\t\t\t{lab}\n" for i, (lab, p, h) in enumerate(rows))
-        (mnli / f"dev_{which}.tsv").write_text(MNLI_HEADER + "\n" + body)
-    shutil.copy(GLUE / "format_samples_hf_dummy" / "MNLI" / "train.tsv", mnli / "train.tsv")
-    return mnli
-
-
 def test_krona_on_t5_needs_no_budget_argument(make_cfg):
     """`model=t5_base method=krona task=glue_mnli` composes at KronA's own budget (t5_glue, 0.07%)."""
     from kpeft.count import count_parameters
@@ -297,7 +282,7 @@ def test_krona_mnli_run_path_without_a_budget_on_tiny_t5(make_cfg, tmp_path):
     from kpeft.train import run
 
     cfg = make_cfg(*T5, "model.architecture.vocab_size=32128", "method=krona", "task=glue_mnli",
-                   "budget.krona.a_shape=[4,8]", "budget.krona.b_shape=[8,4]", f"task.data_dir={mnli_folder(tmp_path)}",
+                   "budget.krona.a_shape=[4,8]", "budget.krona.b_shape=[8,4]", f"task.data_dir={mnli_folder(GLUE, tmp_path)}",
                    "task.options.max_train_examples=8", "task.options.max_eval_examples=6", "train.batch_size=4",
                    "train.epochs=1", "train.eval_batch_size=6", "seed=1")
     assert cfg.budget.name == "t5_glue" and cfg.task.options.protocol == "he"
@@ -317,7 +302,7 @@ def test_krona_mnli_command_on_t5_base_random_init(tmp_path):
     import sys
 
     cmd = [sys.executable, "-m", "kpeft.train", "model=t5_base", "method=krona", "task=glue_mnli",
-           "model.init=random", f"model.tokenizer={T5_TOKENIZER}", f"task.data_dir={mnli_folder(tmp_path)}",
+           "model.init=random", f"model.tokenizer={T5_TOKENIZER}", f"task.data_dir={mnli_folder(GLUE, tmp_path)}",
            f"output_root={tmp_path / 'runs'}", "task.options.max_train_examples=8", "task.options.max_eval_examples=4",
            "task.options.max_new_tokens=3", "train.batch_size=4", "train.epochs=1", "train.eval_batch_size=4",
            "train.progress=false"]

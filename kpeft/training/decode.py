@@ -49,6 +49,22 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _greedy_step(logits: torch.Tensor, done: torch.Tensor, stop_t: torch.Tensor | None,
+                 result: list[list[int]], pad_id: int) -> torch.Tensor | None:
+    """One greedy step of a batch: the last position's argmax is appended to every unfinished
+    row's result, rows that produce a stop token finish (``done`` is updated in place). Returns the
+    next input tokens (finished rows get ``pad_id``), or None when every row has finished."""
+    nxt = logits[:, -1].argmax(-1)
+    is_stop = torch.isin(nxt, stop_t) if stop_t is not None else torch.zeros_like(done)
+    tokens = nxt.tolist()  # one device sync per step
+    for i in torch.nonzero(~done & ~is_stop).flatten().tolist():
+        result[i].append(tokens[i])
+    done |= is_stop
+    if bool(done.all()):
+        return None
+    return nxt.masked_fill(done, pad_id)
+
+
 def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type) -> list[list[int]]:
     device = _device(model)
     n, width = len(prompts), max(len(p) for p in prompts)
@@ -77,15 +93,9 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
             kwargs["past_key_values"] = past
         out = model(**kwargs)
         past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)
-        is_stop = torch.isin(nxt, stop_t) if stop_t is not None else torch.zeros_like(done)
-        tokens = nxt.tolist()  # one device sync per step
-        for i in torch.nonzero(~done & ~is_stop).flatten().tolist():
-            result[i].append(tokens[i])
-        done |= is_stop
-        if bool(done.all()):
+        nxt = _greedy_step(out.logits, done, stop_t, result, pad_id)
+        if nxt is None:
             break
-        nxt = nxt.masked_fill(done, pad_id)
         step_ids = nxt[:, None]
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
@@ -135,13 +145,8 @@ def _decode_seq2seq_batch(model, inputs, max_new_tokens, stop, pad_id, start_id)
         out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=step,
                     past_key_values=past, use_cache=True)
         past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)
-        is_stop = torch.isin(nxt, stop_t) if stop_t is not None else torch.zeros_like(done)
-        tokens = nxt.tolist()  # one device sync per step
-        for i in torch.nonzero(~done & ~is_stop).flatten().tolist():
-            result[i].append(tokens[i])
-        done |= is_stop
-        if bool(done.all()):
+        nxt = _greedy_step(out.logits, done, stop_t, result, pad_id)
+        if nxt is None:
             break
-        step = nxt.masked_fill(done, pad_id)[:, None]
+        step = nxt[:, None]
     return result
