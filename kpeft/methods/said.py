@@ -193,7 +193,7 @@ class SAID(Component):
         cost 148 full-size fills and adds per step; ``split``'s backward is one concatenation."""
         return delta.split(self._sizes)
 
-    def delta(self) -> tuple[torch.Tensor, ...]:
+    def parts(self) -> tuple[torch.Tensor, ...]:
         """The cached ``P(θ^d)`` pieces (:meth:`split`): formed once per model forward while
         training, once per value of θ^d otherwise. Outside a model forward with gradients they are
         formed afresh (never a stale graph)."""
@@ -219,8 +219,8 @@ class SAID(Component):
             self._cache = None  # backward owns the graph now
 
     def update(self, piece: Piece, parts: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """``λ_i P(θ^d)_i`` shaped like the piece (float32); `parts` as :meth:`delta` gives them."""
-        parts = self.delta() if parts is None else parts
+        """``λ_i P(θ^d)_i`` shaped like the piece (float32); `parts` as :meth:`parts` gives them."""
+        parts = self.parts() if parts is None else parts
         out = parts[piece.index].view(piece.shape)
         return out * self.lambdas[piece.index] if self.lambdas is not None else out
 
@@ -269,7 +269,7 @@ class _Shifted(nn.Module):
         said = self.said
         if said.merged:
             return w
-        parts = said.delta()
+        parts = said.parts()
         if self.pieces[0].region is None:
             return w + said.update(self.pieces[0], parts).to(w.dtype)
         dim = self.pieces[0].region[0]  # blocks of one dimension: zeros in between
