@@ -342,3 +342,36 @@ def test_split_pieces_give_the_same_gradients_as_slices():
     sum((s * weights[p.offset:p.offset + p.numel]).sum() for s, p in zip(parts, comp.pieces)).backward()
     torch.testing.assert_close(comp.theta_d.grad, via_slices)
     assert [t.numel() for t in parts] == [p.numel for p in comp.pieces] and sum(comp._sizes) == comp.D
+
+
+def test_decoding_forms_each_perturbed_weight_once_per_call():
+    """greedy_decode runs under parametrize.cached(): θ_0 + λ_i P(θ^d)_i is formed once per
+    parametrized tensor per call, not once per generated token, and the tokens equal those of the
+    merged model (the update baked into the weights)."""
+    from torch.nn.utils import parametrize
+
+    from kpeft.methods.said import _Shifted
+    from kpeft.training.decode import greedy_decode
+
+    model = tiny_model("gpt2")
+    _, comp = said(model)
+    randomise_said(comp)
+    model.eval()
+    calls = {"n": 0}
+    original = _Shifted.forward
+
+    def counting(self, w):
+        calls["n"] += 1
+        return original(self, w)
+
+    prompts = [[5, 6, 7], [8, 9]]
+    _Shifted.forward = counting
+    try:
+        tokens = greedy_decode(model, prompts, max_new_tokens=6, pad_id=0)
+    finally:
+        _Shifted.forward = original
+    parametrized = sum(len(m.parametrizations) for m in model.modules() if parametrize.is_parametrized(m))
+    assert 0 < calls["n"] <= parametrized  # at most once each (the tied head shares wte's)
+    assert all(len(t) == 6 for t in tokens)
+    comp.merge()
+    assert greedy_decode(model, prompts, max_new_tokens=6, pad_id=0) == tokens

@@ -14,6 +14,9 @@ the decoder from ``decoder_start_token_id`` one token per step with its self-att
 cross-attention keys/values are computed at the first step and cached too), stopping at
 ``stop_ids`` (T5's eos) or after ``max_new_tokens``. It gives the tokens of an unbatched loop that
 re-runs the whole model on the full decoder prefix at each step (``tests/test_decode_seq2seq.py``).
+
+Both run under ``torch.nn.utils.parametrize.cached()``: a reparameterised weight (SAID's
+``θ_0 + λ_i P(θ^d)_i``) is formed once per call instead of once per step.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
+from torch.nn.utils import parametrize
 
 
+# Parametrized weights (SAID) are formed once per call, not once per generated token.
+@parametrize.cached()
 @torch.no_grad()
 def greedy_decode(
     model,
@@ -104,6 +110,7 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
     return result
 
 
+@parametrize.cached()
 @torch.no_grad()
 def greedy_decode_seq2seq(
     model,

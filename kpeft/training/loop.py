@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from kpeft.errors import KpeftError
@@ -103,6 +104,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ------------------------------------------------------------ evaluation
+    @parametrize.cached()  # reparameterised weights (SAID) formed once per evaluation
     @torch.no_grad()
     def evaluate_loss(self, split: str = "validation") -> float:
         """Mean NLL (no label smoothing) over the split's scored units."""
@@ -115,6 +117,7 @@ class Trainer:
         total = self.acc.reduce(total, "sum")
         return float(total[0] / total[1]) if total[1] > 0 else math.nan
 
+    @parametrize.cached()
     @torch.no_grad()
     def evaluate(self, split: str = "test", save_examples: bool = False) -> dict[str, float]:
         """The task's metrics (and NLL) on a split, summed over all processes; with `save_examples`
