@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +183,22 @@ def mnli_folder(glue: Path, root: Path) -> Path:
         (mnli / f"dev_{which}.tsv").write_text(MNLI_HEADER + "\n" + body)
     shutil.copy(glue / "format_samples_hf_dummy" / "MNLI" / "train.tsv", mnli / "train.tsv")
     return mnli
+
+
+def coqa_folder(coqa: Path, root: Path) -> Path:
+    """`root` holding the shared one-story CoQA samples in `coqa` under the official file names."""
+    shutil.copy(coqa / "coqa-dev-v1.0.first_story.json", root / "coqa-dev-v1.0.json")
+    shutil.copy(coqa / "coqa-train-v1.0.first_story.json", root / "coqa-train-v1.0.json")
+    return root
+
+
+def train_cli(*overrides: str, root: Path, launcher: tuple[str, ...] = (sys.executable,), timeout: int = 600,
+              threads: int | None = None) -> tuple[Path, dict, str]:
+    """``<launcher> -m kpeft.train <overrides> output_root=<root> train.progress=false`` in a
+    subprocess that must succeed, writing exactly one run: its directory, record and stdout."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    cmd = [*launcher, "-m", "kpeft.train", *overrides, f"output_root={root}", "train.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = root.rglob("record.json")
+    return path.parent, json.loads(path.read_text()), proc.stdout

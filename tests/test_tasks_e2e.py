@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import train_cli
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
@@ -186,16 +187,11 @@ def test_score_cli_round_trip_with_meteor(tmp_path, make_cfg):
 def test_train_e2e_end_to_end(tmp_path):
     """kpeft.train on E2E with tiny sizes (the dev set as training file): train, generate once per
     MR, score officially (METEOR off), write the record and the generations."""
-    root = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "kpeft.train", "model=tiny_gpt2", f"model.tokenizer={GPT2}", "task=e2e",
-           f"task.data_dir={DATA}", "task.options.train_file=devset.csv", "task.options.max_train_examples=16",
-           "task.options.max_eval_examples=4", "task.options.meteor=off", "task.options.max_new_tokens=5",
-           "method=lora", "budget=tiny", "train.batch_size=8", "train.epochs=1", "train.warmup_steps=0",
-           "train.eval_batch_size=4", "train.progress=false", f"output_root={root}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = [p.parent for p in root.rglob("record.json")]
-    record = json.loads((run_dir / "record.json").read_text())
+    run_dir, record, _ = train_cli(
+        "model=tiny_gpt2", f"model.tokenizer={GPT2}", "task=e2e", f"task.data_dir={DATA}",
+        "task.options.train_file=devset.csv", "task.options.max_train_examples=16", "task.options.max_eval_examples=4",
+        "task.options.meteor=off", "task.options.max_new_tokens=5", "method=lora", "budget=tiny", "train.batch_size=8",
+        "train.epochs=1", "train.warmup_steps=0", "train.eval_batch_size=4", root=tmp_path / "runs", timeout=900)
     test = record["metrics"]["test"]
     assert {"bleu", "nist", "rouge_l", "cider", "loss"} <= set(test) and record["score"] == test["bleu"]
     assert record["params"]["uncounted"] == (50263 - 256) * 32  # the tiny model's new wte rows

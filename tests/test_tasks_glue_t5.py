@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import mnli_folder
+from helpers import mnli_folder, train_cli
 
 from kpeft.backbones.loading import load_tokenizer
 from kpeft.errors import KpeftError
@@ -298,18 +298,12 @@ def test_krona_mnli_run_path_without_a_budget_on_tiny_t5(make_cfg, tmp_path):
 def test_krona_mnli_command_on_t5_base_random_init(tmp_path):
     """`python -m kpeft.train model=t5_base method=krona task=glue_mnli`, offline: T5-base's
     architecture without weights, the shared T5 tokenizer and MNLI samples, two steps (~15 s)."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "kpeft.train", "model=t5_base", "method=krona", "task=glue_mnli",
-           "model.init=random", f"model.tokenizer={T5_TOKENIZER}", f"task.data_dir={mnli_folder(GLUE, tmp_path)}",
-           f"output_root={tmp_path / 'runs'}", "task.options.max_train_examples=8", "task.options.max_eval_examples=4",
-           "task.options.max_new_tokens=3", "train.batch_size=4", "train.epochs=1", "train.eval_batch_size=4",
-           "train.progress=false"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    record_path = tmp_path / "runs" / "default" / "glue_mnli" / "t5_base" / "krona-t5_glue" / "seed123" / "record.json"
-    assert f"→  {record_path}" in out.stdout.splitlines()[-1]
-    record = json.loads(record_path.read_text())
+    run_dir, record, stdout = train_cli(
+        "model=t5_base", "method=krona", "task=glue_mnli", "model.init=random", f"model.tokenizer={T5_TOKENIZER}",
+        f"task.data_dir={mnli_folder(GLUE, tmp_path)}", "task.options.max_train_examples=8",
+        "task.options.max_eval_examples=4", "task.options.max_new_tokens=3", "train.batch_size=4", "train.epochs=1",
+        "train.eval_batch_size=4", root=tmp_path / "runs", timeout=1200)
+    assert run_dir == tmp_path / "runs" / "default" / "glue_mnli" / "t5_base" / "krona-t5_glue" / "seed123"
+    assert f"→  {run_dir / 'record.json'}" in stdout.splitlines()[-1]
     assert record["status"] == "complete" and record["params"]["trainable"] == 158_208
     assert set(record["metrics"]["test"]) >= {"accuracy", "mnli_m", "mnli_mm", "invalid"}

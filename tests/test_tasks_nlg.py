@@ -4,12 +4,10 @@ training and counting (SPEC §1.1, §10.1), and generation-based evaluation end 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import coqa_folder, train_cli
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
@@ -36,9 +34,7 @@ def nlg_task(make_cfg, name, data_dir, *overrides):
 
 @pytest.fixture
 def coqa_dir(tmp_path):
-    shutil.copy(COQA / "coqa-dev-v1.0.first_story.json", tmp_path / "coqa-dev-v1.0.json")
-    shutil.copy(COQA / "coqa-train-v1.0.first_story.json", tmp_path / "coqa-train-v1.0.json")
-    return tmp_path
+    return coqa_folder(COQA, tmp_path)
 
 
 def check_loss_mask(task, record, example):
@@ -197,16 +193,11 @@ def test_collate_pads_token_types_and_the_model_embeds_them(make_cfg):
 @needs_webnlg
 def test_train_webnlg_end_to_end(tmp_path):
     """kpeft.train on WebNLG with tiny sizes: train, generate per unique tripleset, score, record."""
-    root = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "kpeft.train", "model=tiny_gpt2", f"model.tokenizer={GPT2}", "task=webnlg",
-           f"task.data_dir={WEBNLG}", "task.options.max_train_examples=16", "task.options.max_eval_examples=6",
-           "task.options.meteor=off", "task.options.max_new_tokens=5", "method=lora", "budget=tiny",
-           "train.batch_size=8", "train.epochs=1", "train.warmup_steps=0", "train.eval_batch_size=4",
-           "train.progress=false", f"output_root={root}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = [p.parent for p in root.rglob("record.json")]
-    record = json.loads((run_dir / "record.json").read_text())
+    run_dir, record, _ = train_cli(
+        "model=tiny_gpt2", f"model.tokenizer={GPT2}", "task=webnlg", f"task.data_dir={WEBNLG}",
+        "task.options.max_train_examples=16", "task.options.max_eval_examples=6", "task.options.meteor=off",
+        "task.options.max_new_tokens=5", "method=lora", "budget=tiny", "train.batch_size=8", "train.epochs=1",
+        "train.warmup_steps=0", "train.eval_batch_size=4", root=tmp_path / "runs")
     test = record["metrics"]["test"]
     assert {"bleu_all", "bleu_seen", "ter_all", "loss"} <= set(test) and record["score"] == test["bleu_all"]
     assert record["params"]["trainable"] == 640 and record["params"]["uncounted"] == (50264 - 256) * 32

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
+from helpers import coqa_folder, train_cli
 
 from kpeft.paths import shared_data_dir
 from kpeft.tasks.cnndm import read_story
@@ -36,10 +35,7 @@ NO_DROPOUT = ("+model.architecture.resid_pdrop=0", "+model.architecture.embd_pdr
 
 @pytest.fixture(scope="module")
 def coqa_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("coqa")
-    shutil.copy(COQA / "coqa-dev-v1.0.first_story.json", folder / "coqa-dev-v1.0.json")
-    shutil.copy(COQA / "coqa-train-v1.0.first_story.json", folder / "coqa-train-v1.0.json")
-    return folder
+    return coqa_folder(COQA, tmp_path_factory.mktemp("coqa"))
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +116,7 @@ def test_cnndm_from_lin_json_trains_decodes_and_scores(make_cfg, cnndm_dir):
 
 
 def _cli(root, launcher, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*launcher, "-m", "kpeft.train", *COMMON, *args, f"output_root={root}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = root.rglob("record.json")
-    return json.loads(path.read_text())
+    return train_cli(*COMMON, *args, root=root, launcher=tuple(launcher), threads=1)[1]
 
 
 @pytest.mark.slow

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from kpeft.methods import apply_method
 from kpeft.paths import shared_data_dir
 from kpeft.tasks import IGNORE, task_class
 from kpeft.training.decode import greedy_decode
-from tests.helpers import has_package
+from tests.helpers import coqa_folder, has_package, train_cli
 
 DATA = shared_data_dir()
 WEBNLG, COQA, CNNDM = DATA / "webnlg2017", DATA / "coqa", DATA / "cnn_dm" / "stories_allennlp_fixture"
@@ -46,10 +44,7 @@ def smol_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def coqa_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("coqa")
-    shutil.copy(COQA / "coqa-dev-v1.0.first_story.json", folder / "coqa-dev-v1.0.json")
-    shutil.copy(COQA / "coqa-train-v1.0.first_story.json", folder / "coqa-train-v1.0.json")
-    return folder
+    return coqa_folder(COQA, tmp_path_factory.mktemp("coqa"))
 
 
 def llama_task(make_cfg, tokenizer_dir, name, data_dir, *overrides):
@@ -169,16 +164,11 @@ def test_llama_adds_the_task_embeddings_and_decodes_with_them(make_cfg, smol_dir
 
 @pytest.mark.slow
 def test_tiny_llama_trains_and_decodes_webnlg_with_the_smollm2_tokenizer(smol_dir, tmp_path):
-    root = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "kpeft.train", "model=tiny_llama", f"model.tokenizer={smol_dir}", "task=webnlg",
-           f"task.data_dir={WEBNLG}", "task.options.max_train_examples=16", "task.options.max_eval_examples=4",
-           "task.options.meteor=off", "task.options.max_new_tokens=5", "method=lora", "budget=tiny",
-           "train.batch_size=8", "train.epochs=1", "train.warmup_steps=0", "train.eval_batch_size=4",
-           "train.progress=false", f"output_root={root}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = [p.parent for p in root.rglob("record.json")]
-    record = json.loads((run_dir / "record.json").read_text())
+    run_dir, record, _ = train_cli(
+        "model=tiny_llama", f"model.tokenizer={smol_dir}", "task=webnlg", f"task.data_dir={WEBNLG}",
+        "task.options.max_train_examples=16", "task.options.max_eval_examples=4", "task.options.meteor=off",
+        "task.options.max_new_tokens=5", "method=lora", "budget=tiny", "train.batch_size=8", "train.epochs=1",
+        "train.warmup_steps=0", "train.eval_batch_size=4", root=tmp_path / "runs")
     test = record["metrics"]["test"]
     assert {"bleu_all", "ter_all", "loss"} <= set(test) and record["training"]["steps"] == 2
     assert record["params"]["uncounted"] == (49159 - 256) * 32  # the tiny model takes SmolLM2's vocabulary
