@@ -32,6 +32,7 @@ help:
 	@echo "make demo       create .venv, install, run the offline demo (~2 min on 2 cores)"
 	@echo "make install    .venv with the locked versions (requirements/*.lock) and kpeft editable"
 	@echo "make lock       regenerate the locks from pyproject.toml (UPGRADE=1: newest allowed versions)"
+	@echo "make check-env  are the locked versions installed in .venv? (one line per mismatch)"
 	@echo "make test       check .venv against the lock, then the default test suite (slow tests excluded)"
 	@echo "make test-latest  the default suite in a throw-away $(LATEST_VENV) with the newest allowed versions"
 	@echo "make test-slow  only the slow tests (DDP, GGUF model, full demo)"
