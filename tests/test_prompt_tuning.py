@@ -24,6 +24,7 @@ from helpers import tiny_model as _tiny_model
 from omegaconf import OmegaConf
 
 from kpeft.backbones import describe
+from kpeft.backbones.cache_api import cache_arg
 from kpeft.backbones.loading import load_model
 from kpeft.count import main as count_main
 from kpeft.methods import AdaptedModel, apply_method
@@ -256,6 +257,20 @@ def test_batched_cached_decoding_equals_unbatched_uncached(family):
         types = [[250] * len(p) for p in prompts]
         want = [naive_greedy(model, p, 5, t, 251) for p, t in zip(prompts, types)]
         assert greedy_decode(model, prompts, max_new_tokens=5, token_types=types, gen_token_type=251) == want
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_prompt_enters_the_kv_cache_once(family):
+    """Prefill caches n + width rows, a cached step one more: the prompt is not prepended again
+    (transformers >= 5.24 hands the base model `cache`, older releases `past_key_values`)."""
+    model = tiny_model(family)
+    adapt(model)
+    name, ids = cache_arg(model), torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        assert getattr(out, name).get_seq_length() == N + 5 and out.logits.shape[1] == 5
+        out = model(input_ids=ids[:, -1:], use_cache=True, **{name: getattr(out, name)})
+    assert getattr(out, name).get_seq_length() == N + 6 and out.logits.shape[1] == 1
 
 
 def test_seq2seq_decoding_runs_the_prompted_encoder_once_and_equals_a_full_rerun():

@@ -45,6 +45,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kpeft.backbones.cache_api import cache_arg
 from kpeft.methods.base import Component
 from kpeft.methods.registry import BuildContext, register
 
@@ -120,7 +121,7 @@ class PromptTuning(Component):
         and shift explicit positions (every call)."""
         kw = _call_kwargs(module, args, kwargs)
         n, k = self.length, self.insert_at
-        past = _past_length(kw.get("past_key_values"))
+        past = _past_length(kw.get(cache_arg(module)))  # `cache` (transformers ≥ 5.24) or `past_key_values`
         mask, pos = kw.get("attention_mask"), kw.get("position_ids")
         self._inserted = past == 0
         if not self._inserted:  # a cached step: the prompt is in the cache already

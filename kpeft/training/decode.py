@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.nn.utils import parametrize
 
+from kpeft.backbones.cache_api import cache_arg
+
 
 # Parametrized weights (SAID) are formed once per call, not once per generated token.
 @parametrize.cached()
@@ -86,7 +88,7 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     result: list[list[int]] = [[] for _ in range(n)]
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device) if stop else None
-    past = None
+    past, cache_name = None, cache_arg(model)
     step_ids, step_pos, step_tt = ids, positions, tt
     # Only the last position's logits are read: the LM head skips the prompt (transformers ≥ 4.50).
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -96,9 +98,9 @@ def _decode_batch(model, prompts, types, max_new_tokens, stop, pad_id, gen_type)
         if step_tt is not None:
             kwargs["token_type_ids"] = step_tt
         if past is not None:
-            kwargs["past_key_values"] = past
+            kwargs[cache_name] = past
         out = model(**kwargs)
-        past = out.past_key_values
+        past = getattr(out, cache_name)
         nxt = _greedy_step(out.logits, done, stop_t, result, pad_id)
         if nxt is None:
             break
@@ -147,11 +149,11 @@ def _decode_seq2seq_batch(model, inputs, max_new_tokens, stop, pad_id, start_id)
     result: list[list[int]] = [[] for _ in range(n)]
     stop_t = torch.tensor(sorted(stop), dtype=torch.long, device=device) if stop else None
     step = torch.full((n, 1), start_id, dtype=torch.long, device=device)
-    past = None
+    past, cache_name = None, cache_arg(model)
     for _ in range(max_new_tokens):
         out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=step,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+                    use_cache=True, **{cache_name: past})
+        past = getattr(out, cache_name)
         nxt = _greedy_step(out.logits, done, stop_t, result, pad_id)
         if nxt is None:
             break
