@@ -20,6 +20,9 @@ from kpeft.backbones.loading import load_model
 from kpeft.compose import compose
 from kpeft.methods import AdaptedModel, apply_method
 
+# Real benchmark samples (each folder's SOURCE.md gives origin, licence and trimming).
+FIXTURES = Path(__file__).parent / "fixtures"
+
 # (model config, head, num_labels): one row per family and head the tests cover.
 FAMILIES = {
     "gpt2": ("tiny_gpt2", "causal_lm", 0),
@@ -173,7 +176,7 @@ MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence
 
 
 def mnli_folder(glue: Path, root: Path) -> Path:
-    """``root/MNLI`` in GLUE's 16-column layout, built from the shared samples in `glue`: dev
+    """``root/MNLI`` in GLUE's 16-column layout, built from the fixture samples in `glue`: dev
     matched / mismatched from the 1,000-pair files, train from the HF dummy sample."""
     mnli = root / "MNLI"
     mnli.mkdir()
@@ -181,12 +184,12 @@ def mnli_folder(glue: Path, root: Path) -> Path:
         rows = [line.split("\t") for line in (glue / "MNLI" / f"textfooler_mnli_{which}_1000.txt").read_text().splitlines()]
         body = "".join(f"{i}\t0\t0n\tg\t\t\t\t\t{p}\t{h}\t{lab}\t\t\t\t\t{lab}\n" for i, (lab, p, h) in enumerate(rows))
         (mnli / f"dev_{which}.tsv").write_text(MNLI_HEADER + "\n" + body)
-    shutil.copy(glue / "format_samples_hf_dummy" / "MNLI" / "train.tsv", mnli / "train.tsv")
+    shutil.copy(glue / "format_samples" / "MNLI" / "train.tsv", mnli / "train.tsv")
     return mnli
 
 
 def coqa_folder(coqa: Path, root: Path) -> Path:
-    """`root` holding the shared one-story CoQA samples in `coqa` under the official file names."""
+    """`root` holding the one-story CoQA samples in `coqa` under the official file names."""
     shutil.copy(coqa / "coqa-dev-v1.0.first_story.json", root / "coqa-dev-v1.0.json")
     shutil.copy(coqa / "coqa-train-v1.0.first_story.json", root / "coqa-train-v1.0.json")
     return root

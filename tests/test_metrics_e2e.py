@@ -16,14 +16,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import e2e as E
-from kpeft.paths import shared_data_dir
 from kpeft.tasks.e2e import group_mrs, read_csv
 
-DATA = shared_data_dir() / "e2e"
-needs_data = pytest.mark.skipif(not (DATA / "testset_w_refs.csv").is_file(), reason=f"needs the shared E2E files in {DATA}")
+DATA = FIXTURES / "e2e"
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs `java` (PTB tokenizer, METEOR)")
 pytest.importorskip("pycocoevalcap")
 CHALLENGE = Path(os.environ.get("KPEFT_E2E_CHALLENGE", "/nonexistent"))
@@ -174,7 +173,6 @@ def test_adversarial_corpus_equals_the_official_scorer_with_meteor():
     assert E.evaluate(ADVERSARIAL_HYPS, ADVERSARIAL_REFS, meteor="approx", coco=True)["meteor_approx"] > 0
 
 
-@needs_data
 def test_official_test_and_dev_sets_bleu_nist():
     test = mrs("testset_w_refs.csv")
     refs = [m["references"] for m in test]
@@ -185,7 +183,6 @@ def test_official_test_and_dev_sets_bleu_nist():
     assert (round(bleu, 4), round(nist, 4)) == (1.0, 14.2365)
 
 
-@needs_data
 @needs_java
 def test_template_system_on_the_dev_set_without_meteor():
     dev = mrs("devset.csv")
@@ -196,7 +193,6 @@ def test_template_system_on_the_dev_set_without_meteor():
 
 
 @pytest.mark.slow  # METEOR over 547 MRs: ~40 s
-@needs_data
 @needs_java
 def test_template_system_on_the_dev_set_with_meteor():
     dev = mrs("devset.csv")
@@ -208,7 +204,6 @@ def test_template_system_on_the_dev_set_with_meteor():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (CHALLENGE / "tgen.tsv").is_file(), reason="set KPEFT_E2E_CHALLENGE to the challenge's primary outputs")
-@needs_data
 @needs_java
 def test_tgen_baseline_scores_as_published():
     with open(CHALLENGE / "tgen.tsv", encoding="utf-8", newline="") as f:

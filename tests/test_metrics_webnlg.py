@@ -13,20 +13,19 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import webnlg as W
 from kpeft.metrics.ter import multi_reference_ter, shifted
 from kpeft.metrics.ter import ter_edits as T_edits
-from kpeft.paths import shared_data_dir
 
 CHALLENGE = Path(os.environ.get("KPEFT_WEBNLG_CHALLENGE", "/nonexistent"))
 needs_challenge = pytest.mark.skipif(
     not (CHALLENGE / "official_scores.json").is_file(),
     reason="set KPEFT_WEBNLG_CHALLENGE to a folder with the 2017 challenge submissions and their official scores",
 )
-TEST_XML = shared_data_dir() / "webnlg2017" / "test" / "testdata_with_lex.xml"
-needs_test_xml = pytest.mark.skipif(not TEST_XML.is_file(), reason=f"needs the shared WebNLG test file {TEST_XML}")
+TEST_XML = FIXTURES / "webnlg2017" / "test" / "testdata_with_lex.xml"
 
 
 def test_hypothesis_and_reference_preprocessing_follow_the_challenge():
@@ -174,7 +173,6 @@ def _test_set() -> tuple[list[list[str]], list[str]]:
     return [e["references"] for e in entries], [e["category"] for e in entries]
 
 
-@needs_test_xml
 @needs_challenge
 @pytest.mark.parametrize("team", ["ADAPT_Centre", "Baseline", "Tilburg_University-3"])
 def test_bleu_equals_multi_bleu_on_the_challenge_submissions(team):
@@ -189,7 +187,6 @@ def test_bleu_equals_multi_bleu_on_the_challenge_submissions(team):
         assert f"{ours:.2f}" == f"{official:.2f}", (team, subset)
 
 
-@needs_test_xml
 @needs_challenge
 @pytest.mark.slow  # one JVM loading METEOR's paraphrase table: ~10-40 s
 def test_meteor_equals_the_official_jar_run_on_the_challenge_submissions():
@@ -205,7 +202,6 @@ def test_meteor_equals_the_official_jar_run_on_the_challenge_submissions():
                 assert jar.aggregate([stats[i] for i in index[subset]]) == official, (team, subset)  # every digit
 
 
-@needs_test_xml
 @needs_challenge
 @pytest.mark.slow  # tercom's search in pure Python: about a minute per submission
 @pytest.mark.parametrize("team", ["ADAPT_Centre", "Baseline", "Tilburg_University-3"])

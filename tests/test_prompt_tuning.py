@@ -28,13 +28,13 @@ from kpeft.backbones.loading import load_model
 from kpeft.count import main as count_main
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.methods.prompt import PromptTuning, text_init_ids, vocab_init_ids
-from kpeft.paths import shared_data_dir
+from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks.base import IGNORE, Task
 from kpeft.training.decode import greedy_decode
 
 FOUR = ["gpt2", "roberta_cls", "roberta_base", "t5", "llama"]
 N = 3  # prompt length in the tests
-GPT2_TOKENIZER = shared_data_dir() / "tokenizers" / "gpt2"
+GPT2_TOKENIZER = PACKAGED_TOKENIZERS["gpt2"]
 
 
 @functools.cache
@@ -164,7 +164,6 @@ def test_text_init_repeats_the_tokens_to_the_length():
     assert text_init_ids("abcdef", Tok(), 4) == [97, 98, 99, 100]
 
 
-@pytest.mark.skipif(not GPT2_TOKENIZER.is_dir(), reason=f"GPT-2 tokenizer files not found at {GPT2_TOKENIZER}")
 def test_text_init_with_the_gpt2_tokenizer_copies_the_text_embeddings():
     cfg = config("model=tiny_gpt2", "model.architecture.vocab_size=50257")
     model = load_model(cfg.model, "causal_lm", seed=0).eval()

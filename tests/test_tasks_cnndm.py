@@ -8,16 +8,15 @@ import subprocess
 import sys
 
 import pytest
+from helpers import FIXTURES
 
 from kpeft.errors import KpeftError
 from kpeft.metrics.rouge import sentences
-from kpeft.paths import shared_data_dir
 from kpeft.tasks import task_class
 from kpeft.tasks.cnndm import read_story, url_hash
 
-DATA = shared_data_dir() / "cnn_dm"
-STORIES, REALSUMM = DATA / "stories_allennlp_fixture", DATA / "realsumm_test100"
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason=f"needs the shared CNN/DM samples in {DATA}")
+DATA = FIXTURES / "cnn_dm"
+STORIES, REALSUMM = DATA / "stories", DATA / "realsumm_test100"
 
 
 def cnndm(make_cfg, data_dir):
@@ -48,8 +47,6 @@ def test_story_reading_matches_the_hub_reader(tmp_path):
 
 
 def test_line_aligned_files_and_score_cli(make_cfg, tmp_path):
-    if not REALSUMM.is_dir():
-        pytest.skip(f"needs {REALSUMM}")
     shutil.copy(REALSUMM / "src.txt", tmp_path / "test.source")
     shutil.copy(REALSUMM / "ref.txt", tmp_path / "test.target")
     records = cnndm(make_cfg, tmp_path).records("test")
@@ -94,7 +91,7 @@ def test_hub_adapter(make_cfg, monkeypatch):
 
 def test_lin_et_al_data_json_round_trips_the_stories(make_cfg, tmp_path):
     """Lin et al.'s ``data.json`` ({"train"|"val"|"test": [{"src", "tgt"}]}, the VGLM / Kernel-mix
-    code's CNN/DM file) built from the shared stories gives back their articles and highlights; a
+    code's CNN/DM file) built from the fixture stories gives back their articles and highlights; a
     flat one-line ``tgt`` (sentences joined by spaces) gives the same summary text for ROUGE-2."""
     stories = cnndm(make_cfg, STORIES)
     train, val = stories.records("train"), stories.records("validation")

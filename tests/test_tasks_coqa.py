@@ -9,15 +9,14 @@ import subprocess
 import sys
 
 import pytest
+from helpers import FIXTURES
 
 from kpeft.errors import KpeftError
-from kpeft.paths import shared_data_dir
 from kpeft.tasks import task_class
 from kpeft.tasks.coqa import story_from_hub
 
-DATA = shared_data_dir() / "coqa"
+DATA = FIXTURES / "coqa"
 DEV, TRAIN = DATA / "coqa-dev-v1.0.first_story.json", DATA / "coqa-train-v1.0.first_story.json"
-pytestmark = pytest.mark.skipif(not (DEV.is_file() and TRAIN.is_file()), reason=f"needs the shared CoQA samples in {DATA}")
 
 
 @pytest.fixture

@@ -10,20 +10,18 @@ import subprocess
 import sys
 
 import pytest
-from helpers import train_cli
+from helpers import FIXTURES, train_cli
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
 from kpeft.errors import KpeftError
 from kpeft.methods import apply_method
-from kpeft.paths import shared_data_dir
+from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
 from kpeft.tasks.e2e import pairs_from_hub, parse_mr, read_csv
 
-DATA = shared_data_dir() / "e2e"
-GPT2 = shared_data_dir() / "tokenizers" / "gpt2"
-pytestmark = pytest.mark.skipif(not (DATA / "testset_w_refs.csv").is_file(), reason=f"needs the shared E2E files in {DATA}")
-needs_gpt2 = pytest.mark.skipif(not (GPT2 / "encoder.json").is_file(), reason=f"needs the GPT-2 BPE in {GPT2}")
+DATA = FIXTURES / "e2e"
+GPT2 = PACKAGED_TOKENIZERS["gpt2"]
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs `java` (PTB tokenizer, METEOR)")
 
 
@@ -102,7 +100,6 @@ def test_hub_adapters_on_in_memory_datasets(make_cfg, monkeypatch):
     assert asked == ["e2e_nlg", "GEM/e2e_nlg"]
 
 
-@needs_gpt2
 def test_exact_token_sequences(make_cfg):
     _, task = e2e(make_cfg, tokenizer=True)
     assert len(task.tokenizer) == 50257 + 6  # <pad> + the 5 E2E tokens
@@ -125,7 +122,6 @@ def test_exact_token_sequences(make_cfg):
     assert len(full.tokenizer) == 50278 and full.stop_ids == list(range(50273, 50278))
 
 
-@needs_gpt2
 def test_generation_one_output_per_mr(make_cfg, tmp_path):
     cfg, task = e2e(make_cfg, "method=lora", "budget=tiny", "task.options.max_eval_examples=3",
                     "task.options.max_new_tokens=3", "task.options.coco_metrics=false", tokenizer=True)
@@ -182,7 +178,6 @@ def test_score_cli_round_trip_with_meteor(tmp_path, make_cfg):
 
 
 @pytest.mark.slow
-@needs_gpt2
 @needs_java
 def test_train_e2e_end_to_end(tmp_path):
     """kpeft.train on E2E with tiny sizes (the dev set as training file): train, generate once per

@@ -10,16 +10,14 @@ import sys
 
 import pytest
 import torch
-from helpers import mnli_folder
+from helpers import FIXTURES, mnli_folder
 
 from kpeft.errors import KpeftError
 from kpeft.metrics.glue import glue_metrics
-from kpeft.paths import shared_data_dir
 from kpeft.tasks import task_class
 from kpeft.tasks.glue import permutation
 
-GLUE = shared_data_dir() / "glue"
-pytestmark = pytest.mark.skipif(not GLUE.is_dir(), reason=f"needs the shared GLUE samples in {GLUE}")
+GLUE = FIXTURES / "glue"
 
 
 def glue(make_cfg, name, data_dir, *overrides):
@@ -48,14 +46,14 @@ def folders(tmp_path):
     mrpc = tmp_path / "MRPC"
     mrpc.mkdir()
     shutil.copy(GLUE / "MRPC" / "msr_paraphrase_train.txt", mrpc / "msr_paraphrase_train.txt")
-    ids = (GLUE / "format_samples_hf_dummy" / "MRPC" / "dev_ids").read_text()
+    ids = (GLUE / "format_samples" / "MRPC" / "dev_ids").read_text()
     (mrpc / "dev_ids.tsv").write_text(ids)
     out["mrpc"] = mrpc
     for name, folder in (("qnli", "QNLI"), ("qqp", "QQP")):
         d = tmp_path / folder
         d.mkdir()
-        shutil.copy(GLUE / "format_samples_hf_dummy" / folder / "dev.tsv", d / "dev.tsv")
-        shutil.copy(GLUE / "format_samples_hf_dummy" / folder / "dev.tsv", d / "train.tsv")
+        shutil.copy(GLUE / "format_samples" / folder / "dev.tsv", d / "dev.tsv")
+        shutil.copy(GLUE / "format_samples" / folder / "dev.tsv", d / "train.tsv")
         out[name] = d
     return out
 
@@ -76,7 +74,7 @@ def test_real_dev_sets_load_with_their_layouts(make_cfg, folders):
     assert len(test) == 2000 and [r["subset"] for r in test[999:1001]] == ["matched", "mismatched"]
     assert len(mnli.records("validation")) == 1000 and mnli.records("train")[0]["label"] == 1  # neutral
     mrpc = glue(make_cfg, "mrpc", folders["mrpc"], he)
-    assert len(mrpc.records("test")) == 8 and len(mrpc.records("train")) == 4076 - 8
+    assert len(mrpc.records("test")) == 8 and len(mrpc.records("train")) == 1000 - 8  # the file's first 1,000 pairs
     assert glue(make_cfg, "qqp", folders["qqp"], he).records("test")[0]["text_b"] == "Why are hispanics so beautiful?"
     assert glue(make_cfg, "qnli", folders["qnli"], he).records("test")[1]["label"] == 1
 

@@ -7,24 +7,17 @@ import json
 
 import pytest
 import torch
-from helpers import coqa_folder, train_cli
+from helpers import FIXTURES, coqa_folder, train_cli
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
 from kpeft.methods import apply_method
-from kpeft.paths import shared_data_dir
+from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
 from kpeft.tasks.nlg import ALL_SPECIAL_TOKENS, build_example
 
-DATA = shared_data_dir()
-GPT2 = DATA / "tokenizers" / "gpt2"
-WEBNLG, COQA, CNNDM = DATA / "webnlg2017", DATA / "coqa", DATA / "cnn_dm" / "stories_allennlp_fixture"
-needs_gpt2 = pytest.mark.skipif(not (GPT2 / "encoder.json").is_file(), reason=f"needs the GPT-2 BPE in {GPT2}")
-needs_webnlg = pytest.mark.skipif(not (WEBNLG / "dev.json").is_file(), reason=f"needs the shared WebNLG files in {WEBNLG}")
-needs_coqa = pytest.mark.skipif(not (COQA / "coqa-dev-v1.0.first_story.json").is_file(),
-                                reason=f"needs the shared CoQA samples in {COQA}")
-needs_cnndm = pytest.mark.skipif(not CNNDM.is_dir(), reason=f"needs the shared CNN/DM stories in {CNNDM}")
-pytestmark = needs_gpt2
+GPT2 = PACKAGED_TOKENIZERS["gpt2"]
+WEBNLG, COQA, CNNDM = FIXTURES / "webnlg2017", FIXTURES / "coqa", FIXTURES / "cnn_dm" / "stories"
 
 
 def nlg_task(make_cfg, name, data_dir, *overrides):
@@ -63,7 +56,6 @@ def test_all_special_tokens_vocabulary_of_the_code(make_cfg):
     assert task.sid("<bos_webnlg>") == 50267 and task.stop_ids == list(range(50267, 50273))
 
 
-@needs_webnlg
 def test_webnlg_exact_sequences(make_cfg):
     _, task = nlg_task(make_cfg, "webnlg", WEBNLG)
     assert len(task.tokenizer) == 50257 + 7  # <pad> + the 6 WebNLG tokens
@@ -88,7 +80,6 @@ def test_webnlg_exact_sequences(make_cfg):
     assert [t for t in ex["input_ids"] if t in (subj, prop, obj)] == [subj, prop, obj] * 3
 
 
-@needs_coqa
 def test_coqa_exact_sequences(make_cfg, coqa_dir):
     _, task = nlg_task(make_cfg, "coqa", coqa_dir, "task.options.n_validation=0", "task.options.max_document_tokens=12")
     bos, eos, question, answer, document = 50258, 50259, 50260, 50261, 50262
@@ -115,7 +106,6 @@ def test_coqa_exact_sequences(make_cfg, coqa_dir):
     assert ex["token_type_ids"].count(document) == 2 + min(400, len(full.ids(late["story"])))
 
 
-@needs_cnndm
 def test_cnndm_exact_sequences_and_dropped_pairs(make_cfg):
     _, task = nlg_task(make_cfg, "cnndm", CNNDM, "task.options.max_source_tokens=10", "task.options.max_target_tokens=8")
     bos, eos, source, target = 50258, 50259, 50260, 50261
@@ -135,7 +125,6 @@ def test_cnndm_exact_sequences_and_dropped_pairs(make_cfg):
     assert task.prompt({"id": "x", "article": "Short", "highlights": "A b c"}) is None
 
 
-@needs_webnlg
 def test_task_embeddings_train_only_new_rows_and_are_not_counted(make_cfg):
     cfg, task = nlg_task(make_cfg, "webnlg", WEBNLG, "method=lora", "budget=tiny")
 
@@ -172,7 +161,6 @@ def test_task_embeddings_train_only_new_rows_and_are_not_counted(make_cfg):
     assert torch.equal(wte[256:].detach(), state[wte_name]) and torch.equal(wte[:256].detach(), plain.model.get_input_embeddings().weight[:256])
 
 
-@needs_webnlg
 def test_collate_pads_token_types_and_the_model_embeds_them(make_cfg):
     """Right padding with the pad id; token types change the logits (they are embedded by wte)."""
     cfg, task = nlg_task(make_cfg, "webnlg", WEBNLG)
@@ -190,7 +178,6 @@ def test_collate_pads_token_types_and_the_model_embeds_them(make_cfg):
     assert not torch.allclose(with_types, without)
 
 
-@needs_webnlg
 def test_train_webnlg_end_to_end(tmp_path):
     """kpeft.train on WebNLG with tiny sizes: train, generate per unique tripleset, score, record."""
     run_dir, record, _ = train_cli(
@@ -213,7 +200,6 @@ def tiny_adapted(cfg, task):
     return adapted
 
 
-@needs_coqa
 def test_coqa_generation_writes_official_predictions_and_scores(make_cfg, coqa_dir, tmp_path):
     cfg, task = nlg_task(make_cfg, "coqa", coqa_dir, "task.options.n_validation=0", "task.options.max_eval_examples=4",
                          "task.options.max_new_tokens=3", "task.options.max_document_tokens=40")  # tiny_gpt2: 128 positions
@@ -231,7 +217,6 @@ def test_coqa_generation_writes_official_predictions_and_scores(make_cfg, coqa_d
                            metric.predictions_from_json(official))["f1"] == metrics["f1"]
 
 
-@needs_cnndm
 def test_cnndm_generation_scores_rouge_per_example(make_cfg, tmp_path):
     cfg, task = nlg_task(make_cfg, "cnndm", CNNDM, "task.options.max_eval_examples=3", "task.options.max_new_tokens=4",
                          "task.options.max_source_tokens=60")
@@ -243,7 +228,6 @@ def test_cnndm_generation_scores_rouge_per_example(make_cfg, tmp_path):
     assert all(len(task.tokenizer.encode(r["prediction"])) <= 6 for r in rows)
 
 
-@needs_webnlg
 def test_gpt2_small_budget_unchanged_and_16_uncounted_rows(make_cfg):
     """GPT-2 small (meta device): with all 15 special tokens + <pad> the budget and the total stay
     the papers' (124,439,808); the 16 new rows (16 × 768) are the only uncounted numbers."""
@@ -260,7 +244,6 @@ def test_gpt2_small_budget_unchanged_and_16_uncounted_rows(make_cfg):
     assert adapted.model.get_input_embeddings().weight.shape == (50273, 768)
 
 
-@needs_webnlg
 def test_code_fidelity_zeroes_original_rows_after_clipping(make_cfg):
     """fidelity=code (SPEC §12 item 13): the original rows' gradient survives the backward pass
     (it enters the clipping norm) and is zeroed by after_clip, before the optimizer step."""

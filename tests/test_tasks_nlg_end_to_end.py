@@ -1,6 +1,6 @@
 """CoQA and CNN/DM end to end (SPEC §10): tiny GPT-2 with the real GPT-2 BPE trains for a few
-steps on the shared samples, decodes greedily, scores officially and writes its record and the
-per-example scores; CNN/DM reads Lin et al.'s ``data.json`` built from the shared stories.
+steps on the real samples, decodes greedily, scores officially and writes its record and the
+per-example scores; CNN/DM reads Lin et al.'s ``data.json`` built from the fixture stories.
 Generation across 2 processes (each decodes every second item) equals 1 process (slow)."""
 
 from __future__ import annotations
@@ -11,19 +11,14 @@ import os
 import sys
 
 import pytest
-from helpers import coqa_folder, train_cli
+from helpers import FIXTURES, coqa_folder, train_cli
 
-from kpeft.paths import shared_data_dir
+from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks.cnndm import read_story
 from kpeft.tasks.nlg import gather_in_order
 
-DATA = shared_data_dir()
-GPT2 = DATA / "tokenizers" / "gpt2"
-COQA, STORIES = DATA / "coqa", DATA / "cnn_dm" / "stories_allennlp_fixture"
-pytestmark = pytest.mark.skipif(
-    not ((GPT2 / "encoder.json").is_file() and (COQA / "coqa-dev-v1.0.first_story.json").is_file() and STORIES.is_dir()),
-    reason=f"needs the GPT-2 BPE and the CoQA / CNN-DM samples in {DATA}",
-)
+GPT2 = PACKAGED_TOKENIZERS["gpt2"]
+COQA, STORIES = FIXTURES / "coqa", FIXTURES / "cnn_dm" / "stories"
 # Tiny sizes; the larger init (0.5, new task rows included) makes the untrained model's greedy
 # outputs non-empty and different per input (with 0.02 it stops at once on a special token).
 COMMON = ("model=tiny_gpt2", f"model.tokenizer={GPT2}", "method=lora", "budget=tiny", "train.epochs=1",
@@ -40,7 +35,7 @@ def coqa_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cnndm_dir(tmp_path_factory):
-    """Lin et al.'s layout from the 20 shared stories: 10 train, 5 val, 5 test pairs."""
+    """Lin et al.'s layout from the 20 fixture stories: 10 train, 5 val, 5 test pairs."""
     pairs = [dict(zip(("src", "tgt"), read_story(p))) for p in sorted(STORIES.glob("*.story"))]
     folder = tmp_path_factory.mktemp("cnndm")
     (folder / "data.json").write_text(json.dumps({"train": pairs[:10], "val": pairs[10:15], "test": pairs[15:20]}))

@@ -14,16 +14,13 @@ from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer, model_source
 from kpeft.compose import compose
 from kpeft.methods import apply_method
-from kpeft.paths import shared_data_dir
+from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
 from kpeft.training.decode import greedy_decode
-from tests.helpers import coqa_folder, has_package, train_cli
+from tests.helpers import FIXTURES, coqa_folder, has_package, train_cli
 
-DATA = shared_data_dir()
-WEBNLG, COQA, CNNDM = DATA / "webnlg2017", DATA / "coqa", DATA / "cnn_dm" / "stories_allennlp_fixture"
-SPIECE = DATA / "tokenizers" / "t5" / "spiece.model"
-pytestmark = pytest.mark.skipif(not ((WEBNLG / "dev.json").is_file() and CNNDM.is_dir() and COQA.is_dir()),
-                                reason=f"needs the shared NLG samples in {DATA}")
+WEBNLG, COQA, CNNDM = FIXTURES / "webnlg2017", FIXTURES / "coqa", FIXTURES / "cnn_dm" / "stories"
+SPIECE = PACKAGED_TOKENIZERS["t5"] / "spiece.model"
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +106,6 @@ def test_smollm2_tokenizer_encodes_the_three_tasks(make_cfg, smol_dir, coqa_dir,
 def test_sentencepiece_llama_tokenizer_keeps_its_word_prefix_and_an_existing_pad(make_cfg, tmp_path):
     """A SentencePiece Llama tokenizer (here built from T5's spiece.model) prefixes each string with
     "▁" (its form of a text start) and already has ``<pad>``: it is reused, not added again."""
-    if not SPIECE.is_file():
-        pytest.skip(f"needs {SPIECE}")
     from transformers import LlamaTokenizer
 
     shutil.copy(SPIECE, tmp_path / "tokenizer.model")

@@ -25,7 +25,7 @@ from transformers import (
 
 from kpeft.backbones import FAMILY_OF_MODEL_TYPE, HEADS_OF_FAMILY
 from kpeft.errors import KpeftError
-from kpeft.paths import cache_dir
+from kpeft.paths import cache_dir, packaged_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -144,36 +144,44 @@ def load_model(
         ) from None
 
 
-# The tokenizer files among the shared benchmark samples, by backbone family.
-_SHARED_TOKENIZERS = {"gpt2": "GPT-2 BPE: ../shared/data/tokenizers/gpt2", "t5": "T5 SentencePiece: ../shared/data/tokenizers/t5"}
-
-
 def _offline_tokenizer_hint(mcfg: DictConfig) -> str:
-    hint = _SHARED_TOKENIZERS.get(str(mcfg.get("family")))
-    return f" ({hint})" if hint else " (an HF tokenizer directory)"
+    files = "an HF tokenizer directory, GPT-2's encoder.json + vocab.bpe, or T5's spiece.model"
+    if packaged_tokenizer(mcfg.get("family")) is not None:
+        return f"{files}; or leave model.tokenizer unset for the packaged {mcfg.family} tokenizer"
+    return files
+
+
+def _tokenizer_from(path: Path, src: str):
+    """GPT-2's OpenAI BPE files, a bare T5 SentencePiece model, or anything AutoTokenizer reads."""
+    if (path / "encoder.json").exists() and (path / "vocab.bpe").exists():  # OpenAI's GPT-2 BPE files
+        return GPT2Tokenizer(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))
+    if (path / "spiece.model").exists() and not (path / "tokenizer_config.json").exists():
+        return T5Tokenizer.from_pretrained(str(path))  # a bare T5 SentencePiece model
+    return AutoTokenizer.from_pretrained(src)
 
 
 def load_tokenizer(mcfg: DictConfig):
     """The tokenizer: ``model.tokenizer`` if set (hub id, HF directory, a folder with GPT-2's
-    ``encoder.json`` + ``vocab.bpe``, or one with T5's ``spiece.model``), else the model's own."""
+    ``encoder.json`` + ``vocab.bpe``, or one with T5's ``spiece.model``), else the model's own;
+    when the model's own hub tokenizer is unreachable, the packaged one of its family
+    (GPT-2 BPE, T5 SentencePiece: kpeft/assets/tokenizers)."""
     src = mcfg.tokenizer
-    if src is None:
+    explicit = src is not None
+    if not explicit:
         if mcfg.init == "random" and not (mcfg.package or mcfg.name_or_path):
             raise KpeftError(f"model '{mcfg.name}' has no tokenizer; set model.tokenizer=<hub id or dir>")
         src = _gguf_as_plain_dir(mcfg) if mcfg.gguf_file else model_source(mcfg)
-    path = Path(str(src))
     try:
-        if (path / "encoder.json").exists() and (path / "vocab.bpe").exists():  # OpenAI's GPT-2 BPE files
-            tok = GPT2Tokenizer(vocab=str(path / "encoder.json"), merges=str(path / "vocab.bpe"))
-        elif (path / "spiece.model").exists() and not (path / "tokenizer_config.json").exists():
-            tok = T5Tokenizer.from_pretrained(str(path))  # a bare T5 SentencePiece model
-        else:
-            tok = AutoTokenizer.from_pretrained(str(src))
+        tok = _tokenizer_from(Path(str(src)), str(src))
     except OSError as err:
-        raise KpeftError(
-            f"could not load the tokenizer of '{mcfg.name}' from '{src}' ({str(err).splitlines()[0]}); "
-            f"offline, point model.tokenizer at local files{_offline_tokenizer_hint(mcfg)}"
-        ) from None
+        packaged = None if explicit or mcfg.package or mcfg.gguf_file else packaged_tokenizer(mcfg.get("family"))
+        if packaged is None:
+            raise KpeftError(
+                f"could not load the tokenizer of '{mcfg.name}' from '{src}' ({str(err).splitlines()[0]}); "
+                f"offline, set model.tokenizer=DIR with local files ({_offline_tokenizer_hint(mcfg)})"
+            ) from None
+        log.info("tokenizer '%s' is unreachable; using the packaged %s tokenizer in %s", src, mcfg.family, packaged)
+        tok = _tokenizer_from(packaged, str(packaged))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

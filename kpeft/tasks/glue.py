@@ -30,7 +30,7 @@ Split protocols (``task.options.protocol``):
   (``krona_heldout: validation``, Compacter's code). Derived subsets keep file order.
 
 ``task.options.train_file=NAME`` reads the training set from another TSV of the same layout in
-``task.data_dir`` (e.g. ``train_subset_2000.tsv``, the shared SST-2 sample).
+``task.data_dir`` (e.g. ``train_subset_2000.tsv``, the SST-2 sample in ``tests/fixtures/glue/SST-2``).
 
 ``python -m kpeft.score task=glue_<t> predictions=FILE``: one prediction per test example (a label
 index, a label name, or an STS-B score); the task's official metrics (:mod:`kpeft.metrics.glue`).
