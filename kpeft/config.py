@@ -54,7 +54,7 @@ class ComponentConfig:
 
 @dataclass
 class LoRAConfig(ComponentConfig):
-    """LoRA (SPEC §2): Y = XW + b + s·(Drop(X) B A + β), s = alpha / r."""
+    """LoRA (Hu et al. 2021): Y = XW + b + s·(Drop(X) B A + β), s = alpha / r."""
 
     kind: str = "lora"
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
@@ -66,12 +66,12 @@ class LoRAConfig(ComponentConfig):
     init: str = "kaiming_zero"  # kaiming_zero | houlsby | zero_zero (both zero; tests only)
     # Which attention modules: self | cross | all (T5 decoder cross-attention).
     attention: str = "self"
-    train_layernorm: bool = False  # also train every LayerNorm (SPEC §5.5 reconstruction)
+    train_layernorm: bool = False  # also train every LayerNorm (our KronA reconstruction, docs/deviations.md)
 
 
 @dataclass
 class BitFitConfig(ComponentConfig):
-    """BitFit (SPEC §7.3): train every bias, LayerNorm biases included."""
+    """BitFit (Ben Zaken et al. 2022): train every bias, LayerNorm biases included."""
 
     kind: str = "bitfit"
     include_ln_bias: bool = True
@@ -82,12 +82,12 @@ class BitFitConfig(ComponentConfig):
 
 @dataclass
 class FullFinetuneConfig(ComponentConfig):
-    """Full fine-tuning (SPEC §7.6): every backbone parameter trains."""
+    """Full fine-tuning ([KM] Table 1): every backbone parameter trains."""
 
     kind: str = "finetune"
 
 
-# ---- Kernel-wise / Kernel-mix component schemas (SPEC §3) ----
+# ---- Kernel-wise / Kernel-mix component schemas ([KM] §4) ----
 @dataclass
 class KernelMixMatrixConfig:
     """What one attention matrix (q, k, v or o) gets: a head-specific part of rank `wise` per
@@ -101,7 +101,7 @@ class KernelMixMatrixConfig:
 
 @dataclass
 class KernelMixConfig(ComponentConfig):
-    """Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite (SPEC §3).
+    """Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite ([KM] §4).
 
     Per adapted matrix: ``ΔW = s·(B_shared A_shared + blockwise_h B^(h) A^(h))`` plus a trained
     bias ``s·β`` carried by the head-specific part (none on the shared part).
@@ -131,10 +131,10 @@ class KernelWiseConfig(KernelMixConfig):
     kind: str = "kernel_wise"
 
 
-# ---- KronA component schemas (SPEC §5) ----
+# ---- KronA component schemas (Edalati et al. 2022) ----
 @dataclass
 class KronAConfig(ComponentConfig):
-    """KronA (SPEC §5.2): Y = XW + s·X(A ⊗ B), A = (m1, n1), B = (m2, n2), m1·m2 = d_in, n1·n2 = d_out."""
+    """KronA ([KA] Eq. 3–4): Y = XW + s·X(A ⊗ B), A = (m1, n1), B = (m2, n2), m1·m2 = d_in, n1·n2 = d_out."""
 
     kind: str = "krona"
     targets: list[str] = field(default_factory=lambda: ["q", "v"])
@@ -145,12 +145,12 @@ class KronAConfig(ComponentConfig):
     scale: float = 1.0  # s (1 in all of KronA's experiments)
     init: str = "kaiming_zero"  # kaiming_zero (A ~ KU, B = 0) | normal (both N(0, 1/d_in)) | zero_zero
     attention: str = "self"  # self | cross | all
-    train_layernorm: bool = False  # also train every LayerNorm (SPEC §5.5 reconstruction)
+    train_layernorm: bool = False  # also train every LayerNorm (our KronA reconstruction, docs/deviations.md)
 
 
 @dataclass
 class KronABConfig(ComponentConfig):
-    """KronA^B (SPEC §5.3): FFN_out ← FFN(X) + s·Σ_k (X(A_k ⊗ B_k) + b_k), X = the FFN input;
+    """KronA^B ([KA] Eq. 5): FFN_out ← FFN(X) + s·Σ_k (X(A_k ⊗ B_k) + b_k), X = the FFN input;
     with ``residual_scale`` (KronA^B_res, §5.4) also + s_res·X, s_res learnable."""
 
     kind: str = "krona_b"
@@ -162,12 +162,12 @@ class KronABConfig(ComponentConfig):
     residual_scale: float | None = None  # initial s_res (learnable); null = no residual term
     residual_sharing: str = "module"  # module (one s_res per Kronecker module) | ffn | model
     init: str = "kaiming_zero"  # kaiming_zero | normal | zero_zero
-    train_layernorm: bool = False  # also train every LayerNorm (SPEC §5.5 reconstruction)
+    train_layernorm: bool = False  # also train every LayerNorm (our KronA reconstruction, docs/deviations.md)
 
 
 @dataclass
 class KronABResConfig(KronABConfig):
-    """KronA^B_res (SPEC §5.4): KronA^B + s_res·X, s_res initialised to 1."""
+    """KronA^B_res ([KA] Eq. 6): KronA^B + s_res·X, s_res initialised to 1."""
 
     kind: str = "krona_b_res"
     residual_scale: float | None = 1.0
@@ -175,7 +175,7 @@ class KronABResConfig(KronABConfig):
 
 @dataclass
 class KronASize:
-    """KronA's size at a budget (``budget.krona``), and SPEC §5.5's reading of where it goes."""
+    """KronA's size at a budget (``budget.krona``), and our reading (docs/deviations.md) of where it goes."""
 
     a_shape: list[int] = MISSING  # A = (m1, n1)
     b_shape: list[int] | None = None  # B = (m2, n2); null: derived from A
@@ -193,10 +193,10 @@ class KronABSize:
     train_layernorm: bool = False
 
 
-# ---- Inducer / prefix / adapter component schemas (SPEC §4, §7) ----
+# ---- Inducer / prefix / adapter component schemas ([IT] §4; Lin et al. 2020; He et al. 2022) ----
 @dataclass
 class PrefixConfig(ComponentConfig):
-    """Prefix-tuning (Li & Liang; SPEC §7.4): per layer, l trained key/value rows prepended to
+    """Prefix-tuning (Li & Liang 2021): per layer, l trained key/value rows prepended to
     every head's keys/values (never causally masked). ``reparam``: P = MLP(E) during training,
     E (l, d) → Linear(d, mid_dim) → tanh → Linear(mid_dim, 2·L·d_kv); else P is trained directly."""
 
@@ -212,7 +212,7 @@ class PrefixConfig(ComponentConfig):
 
 @dataclass
 class InducerConfig(ComponentConfig):
-    """Inducer-tuning (SPEC §4): per query an inducer key P_k = Q + MLP_k(Q) (no MLP_k when
+    """Inducer-tuning ([IT] §4): per query an inducer key P_k = Q + MLP_k(Q) (no MLP_k when
     r_k < 2), λ = sigmoid(a − LSE(S)), output f + λ·MLP_v(Q); variants by `value` and `gating`."""
 
     kind: str = "inducer"
@@ -230,14 +230,14 @@ class InducerConfig(ComponentConfig):
     # null = on exactly when fidelity=code and r_k = 0.
     position_scaled_logit: bool | None = None
     # λ's normaliser sees the padding mask (paper); null = true, false under fidelity=code
-    # (the NLU code computes λ before adding the padding mask, SPEC §12 item 9).
+    # (the NLU code computes λ before adding the padding mask, docs/deviations.md, item 9).
     mask_padding_in_lambda: bool | None = None
     attention: str = "self"  # self | cross | all
 
 
 @dataclass
 class AdapterConfig(ComponentConfig):
-    """Bottleneck adapter (SPEC §7.1, §7.5, §4.6): ``Δ(h) = s·(W_up act(W_down LN_a(h) + b_d) + b_u)``.
+    """Bottleneck adapter (Lin et al. 2020; He et al. 2022; [IT] Table 5): ``Δ(h) = s·(W_up act(W_down LN_a(h) + b_d) + b_u)``.
     Sequential placements add Δ(h) to the site's own output h; ``ffn_parallel`` adds Δ(x) of the FFN
     input x to the FFN output (He et al.'s parallel adapter)."""
 
@@ -257,7 +257,7 @@ class AdapterConfig(ComponentConfig):
 
 @dataclass
 class CompacterConfig(ComponentConfig):
-    """Compacter (SPEC §7.2): Houlsby-placed adapters whose projections are PHM layers
+    """Compacter (Karimi Mahabadi et al. 2021): Houlsby-placed adapters whose projections are PHM layers
     ``W = Σ_i A_i ⊗ (s_i t_iᵀ)``, the n×n×n rule tensor A shared by every PHM layer of the model."""
 
     kind: str = "compacter"
@@ -339,7 +339,7 @@ class MethodConfig:
 @dataclass
 class LoRASize:
     r: int = MISSING
-    attention: str = "self"  # self | cross | all (t5_glue: all 36 attention modules, SPEC §5.5)
+    attention: str = "self"  # self | cross | all (t5_glue: all 36 attention modules, docs/deviations.md)
     train_layernorm: bool = False  # t5_glue: true (the Compacter recipe)
 
 
@@ -363,7 +363,7 @@ class MAMAdapterSize:
 
 @dataclass
 class MAMInducerSize:
-    """MAM inducer-tuning ([IT] Table 5, SPEC §4.6): inducer + LoRA on W_q + FFN adapter."""
+    """MAM inducer-tuning ([IT] Table 5): inducer + LoRA on W_q + FFN adapter."""
 
     r_k: int = MISSING
     r_v: int = MISSING
@@ -467,18 +467,18 @@ class BudgetConfig:
     kernel_wise_mv: KernelMixSize | None = None
     kernel_wise_qvo: KernelMixSize | None = None
     # ---- KronA sizes ----
-    # KronA / KronA^B(_res) (SPEC §5.5); a budget without the section cannot meet them.
+    # KronA / KronA^B(_res) (docs/deviations.md); a budget without the section cannot meet them.
     krona: KronASize | None = None
     krona_b: KronABSize | None = None
     # ---- Inducer / prefix / adapter sizes ----
-    # Prefix-tuning / Inducer-tuning (SPEC §4.5, §7.4); gating uses the inducer section.
+    # Prefix-tuning / Inducer-tuning ([IT] Table 5; Li & Liang 2021); gating uses the inducer section.
     # A budget whose YAML has no section cannot meet the method.
     prefix: PrefixSize | None = None
     inducer: InducerSize | None = None
     inducer_adaptive: InducerSize | None = None
     inducer_extension: InducerSize | None = None
     inducer_lora: InducerLoRASize | None = None
-    # Adapters (SPEC §7.1, §7.2, §7.5, §4.6).
+    # Adapters (Lin et al. 2020; Karimi Mahabadi et al. 2021; He et al. 2022; [IT] Table 5).
     adapter: AdapterSize | None = None
     parallel_adapter: AdapterSize | None = None
     mam_adapter: MAMAdapterSize | None = None
@@ -509,7 +509,7 @@ class TaskConfig:
 # ---------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    """The training loop (SPEC §11). Tasks override lr/batch/epochs with the papers' values."""
+    """The training loop ([KM] App. B.2, [IT] App. B.2). Tasks override lr/batch/epochs with the papers' values."""
 
     lr: float = 1e-3
     batch_size: int = 16  # global batch: per-device batch × processes × accumulation
@@ -556,7 +556,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str = "default"
     seed: int = 123
-    fidelity: str = "paper"  # paper | code (SPEC §1.7)
+    fidelity: str = "paper"  # paper | code (docs/deviations.md)
     resume: bool = False  # continue a killed run from its last checkpoint
     force: bool = False  # re-run even if a finished record exists (the old one is kept aside)
     output_root: str = "results/runs"

@@ -2,7 +2,7 @@
 
 Builds the backbone on the meta device from the architecture numbers in ``conf/model`` (no
 weights, no network), installs the method, and prints the papers' "parameters to train / store"
-columns; the last stdout line is one JSON object (DESIGN.md contract)::
+columns; the last stdout line is one JSON object (docs/cli.md contract)::
 
     {"model", "method", "budget", "total", "trainable", "stored", "trainable_pct", "stored_pct"}
 

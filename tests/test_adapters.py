@@ -1,4 +1,4 @@
-"""Adapter baselines (SPEC §7.1, §7.2, §7.5, §4.6): Adapter-r (Lin), the parallel adapter, the MAM
+"""Adapter baselines (Lin et al. 2020; Karimi Mahabadi et al. 2021; He et al. 2022; [IT] Table 5): Adapter-r (Lin), the parallel adapter, the MAM
 adapter, MAM inducer-tuning, Compacter: counts, zero-init, the hooks' exact formula and place, the
 PHM product, the shared rule tensor, training."""
 
@@ -34,7 +34,7 @@ def of_type(adapted, cls) -> list:
 @pytest.mark.parametrize(
     ("args", "trainable", "stored"),
     [
-        # Adapter-r (Lin, with LN_a): 12 × (1537 r + 2304), SPEC §8.
+        # Adapter-r (Lin, with LN_a): 12 × (1537 r + 2304), [KM] Table 1, [IT] Table 1
         (["model=gpt2", "method=adapter", "budget=tiny"], 101_424, 101_424),
         (["model=gpt2", "method=adapter", "budget=small"], 175_200, 175_200),
         (["model=gpt2", "method=adapter", "budget=intermediate"], 2_019_600, 2_019_600),
@@ -60,7 +60,7 @@ def of_type(adapted, cls) -> list:
         (["model=gpt2", "method=compacter", "budget=tiny", "method.components.compacter.train_layernorm=true"],
          106_048 + 25 * 1_536, 106_048 + 25 * 1_536),
         (["model=gpt2", "method=compacter", "budget=tiny", "budget.compacter.layernorm=false",
-          "method.components.compacter.train_layernorm=true"], 107_584, 107_584),  # SPEC §7.2
+          "method.components.compacter.train_layernorm=true"], 107_584, 107_584),  # Karimi Mahabadi et al. 2021
     ],
 )
 def test_adapter_counts(args, trainable, stored, capsys):
@@ -115,7 +115,7 @@ def test_hf_normal_init_is_not_zero_and_matches_gpt2_init():
 
 
 def _lin(a: Adapter, h: torch.Tensor) -> torch.Tensor:
-    """SPEC §7.1 by hand: W_up ReLU(W_down LN_a(h) + b_d) + b_u, scaled."""
+    """Lin et al. 2020 by hand: W_up ReLU(W_down LN_a(h) + b_d) + b_u, scaled."""
     if a.ln is not None:
         h = nn.functional.layer_norm(h, h.shape[-1:], a.ln.weight, a.ln.bias, a.ln.eps)
     return (torch.relu(h @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias) * a.scaling

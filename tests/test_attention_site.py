@@ -111,7 +111,7 @@ class OpCounter(TorchDispatchMode):
 @pytest.mark.parametrize(("method", "budget"), [("inducer", "intermediate"), ("inducer_adaptive", "intermediate"),
                                                 ("inducer_gating", "intermediate"), ("prefix", "small")])
 def test_no_loop_over_heads(method, budget):
-    # SPEC §13.8: the number of tensor ops of a forward does not depend on the number of heads.
+    # docs/methods.md: the number of tensor ops of a forward does not depend on the number of heads.
     counts = []
     for heads in (2, 4):
         cfg = config("model=tiny_gpt2", f"model.architecture.n_head={heads}")

@@ -1,4 +1,4 @@
-"""Backbone anatomies (SPEC §9) of the tiny families, the Projection handle's row convention,
+"""Backbone anatomies (docs/architecture.md) of the tiny families, the Projection handle's row convention,
 and loading: random init, the offline packaged MiniLM / SmolLM2, and the install hint."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""BitFit (SPEC §7.3: every bias, LayerNorm biases included, tied LM head frozen) and full
-fine-tuning (SPEC §7.6) on the tiny backbones."""
+"""BitFit (Ben Zaken et al. 2022: every bias, LayerNorm biases included, tied LM head frozen) and full
+fine-tuning ([KM] Table 1) on the tiny backbones."""
 
 from __future__ import annotations
 

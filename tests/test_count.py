@@ -1,4 +1,4 @@
-"""``python -m kpeft.count``: the papers' parameter columns, exactly (SPEC §8, §5.5), offline."""
+"""``python -m kpeft.count``: the papers' parameter columns, exactly ([KM] Table 1, [IT] Table 1; docs/deviations.md), offline."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ JSON_KEYS = {"model", "method", "budget", "total", "trainable", "stored", "train
 @pytest.mark.parametrize(
     ("args", "total", "trainable", "line"),
     [
-        # SPEC §8: LoRA-4 = 0.13%, LoRA-54 = 1.61% (with the trained bias β), BitFit 0.08%.
+        # [KM] Table 1, [IT] Table 1: LoRA-4 = 0.13%, LoRA-54 = 1.61% (with the trained bias β), BitFit 0.08%.
         (["model=gpt2", "method=lora", "budget=small"], 124_439_808, 165_888, "trainable 165,888 (0.13%)"),
         (["model=gpt2", "method=lora", "budget=intermediate"], 124_439_808, 2_009_088, "trainable 2,009,088 (1.61%)"),
         (["model=gpt2", "method=lora", "budget=tiny"], 124_439_808, 92_160, "trainable 92,160 (0.07%)"),
@@ -59,7 +59,7 @@ def test_the_last_line_is_the_json_record(capsys):
 
 
 def test_t5_glue_budget(capsys):
-    # T5-base has no biases, so no β. t5_glue is SPEC §5.5's reconstruction of KronA's 0.07%: all
+    # T5-base has no biases, so no β. t5_glue is our reconstruction (docs/deviations.md) of KronA's 0.07%: all
     # 36 attention modules (cross-attention too), 72 × 1,536, + T5's 62 LayerNorms (62 × 768).
     default = main(["model=t5_base", "method=lora", "budget=t5_glue"])
     assert (default["total"], default["trainable"]) == (222_903_552, 72 * 1_536 + 62 * 768)

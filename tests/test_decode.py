@@ -1,4 +1,4 @@
-"""Batched greedy decoding with a KV cache equals a naive unbatched, uncached loop (SPEC §10.4)."""
+"""Batched greedy decoding with a KV cache equals a naive unbatched, uncached loop ([KM] App. B.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inducer-tuning (SPEC §4, §13.2, §13.6): λ by LSE, the residual form against an explicit per-query
+"""Inducer-tuning ([IT] §4): λ by LSE, the residual form against an explicit per-query
 concatenated-prefix attention (Eq. 7 vs Eq. 8, naive loops in the test), zero value = the frozen
 model, Gating ≠, KV cache = full recompute, no causal leakage, padding invariance, counts, the
 fidelity switches, and short trainings of every variant."""
@@ -323,7 +323,7 @@ def test_adapter_state_round_trips_and_a_deep_copy_is_independent(family):
     assert torch.equal(output(adapted.model, batch), expected)
 
 
-# ---------------------------------------------------------------- counts (SPEC §4.5, §8)
+# ---------------------------------------------------------------- counts ([IT] Table 5; [KM] Table 1, [IT] Table 1)
 
 
 @pytest.mark.parametrize(("args", "total", "trainable", "line"), [
@@ -346,7 +346,7 @@ def test_count_reproduces_table_5(args, total, trainable, line, capsys):
 
 
 def test_the_per_layer_formulas():
-    # SPEC §4.5: MLP_k(r) = 1548r + 768 (r ≥ 2), MLP̄_v(r) = 9996r + 768, MLP_v(r) = 1548r + 768.
+    # [IT] Table 5: MLP_k(r) = 1548r + 768 (r ≥ 2), MLP̄_v(r) = 9996r + 768, MLP_v(r) = 1548r + 768.
     assert inducer_params_per_layer(12, 64, 768, 10, 15) == 1548 * 10 + 768 + 9996 * 15 + 768
     assert inducer_params_per_layer(12, 64, 768, 1, 16) == 9996 * 16 + 768  # r_k < 2: no MLP_k
     assert inducer_params_per_layer(12, 64, 768, 0, 108, "local") == 1548 * 108 + 768

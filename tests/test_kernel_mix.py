@@ -1,4 +1,4 @@
-"""Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite (SPEC §3, §13.2–5, §13.8) on the
+"""Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite ([KM] §4) on the
 four backbone families: zero-delta, merge/unmerge (lite key-bias term included), equality with a
 naive per-head reference, head-specificity, the lite trick, KV-cache decoding, GQA, T5
 cross-attention, initialisation, the fidelity switch, the papers' parameter counts, training."""
@@ -464,7 +464,7 @@ def test_dropout_masks_are_independent_per_branch_and_training_only():
 
 
 def test_no_python_loop_in_any_forward():
-    """SPEC §3.5 / §13.8: the forwards and deltas are batched over heads (static check)."""
+    """[KM] App. B.3: the forwards and deltas are batched over heads (static check)."""
     for cls in (KernelWise, KernelWiseLite, KernelWiseOut, HeadwiseBranch):
         for name in ("forward", "delta_weight", "delta_bias", "_per_head", "_bk_a", "_finish"):
             fn = cls.__dict__.get(name)
@@ -519,7 +519,7 @@ def test_budgets_that_cannot_size_a_method_say_which_can(method):
             assert spec["q"]["wise"] == section.q_wise and spec["v"]["shared"] == section.v_lora
 
 
-# ---------------------------------------------------------------- the papers' counts (SPEC §3.3, §8)
+# ---------------------------------------------------------------- the papers' counts ([KM] Table B.5; [KM] Table 1, [IT] Table 1)
 
 
 @pytest.mark.parametrize(
@@ -544,7 +544,7 @@ def test_count_reproduces_table_b5(args, total, trainable, line, capsys):
 
 
 def test_count_per_layer_breakdown_of_kernel_mix_qvo():
-    # SPEC §3.3: Q 49,152, V 25,344, O 92,928 per GPT-2 layer.
+    # [KM] Table B.5: Q 49,152, V 25,344, O 92,928 per GPT-2 layer.
     cfg = compose(["model=gpt2", "method=kernel_mix_qvo", "budget=intermediate"])
     model = load_model(cfg.model, "causal_lm", meta=True)
     adapted = apply_method(model, describe(model), cfg.method)

@@ -1,4 +1,4 @@
-"""KronA, KronA^B, KronA^B_res (SPEC §5, §13.7) and the block site (parallel to the FFN): the
+"""KronA, KronA^B, KronA^B_res (Edalati et al. 2022) and the block site (parallel to the FFN): the
 Kronecker product without forming it, merge/unmerge, zero-init, the hooks, shapes, counts, training."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TINY = ("[4,8]", "[8,4]")
 
 
 def krona(model, *overrides: str, a: str = TINY[0], b: str | None = TINY[1], ln: bool = False, **kw):
-    """The real krona.yaml at budget t5_glue (SPEC §5.5 placement: every attention module), with
+    """The real krona.yaml at budget t5_glue (our KronA placement, docs/deviations.md: every attention module), with
     shapes valid for the tiny models."""
     mcfg = method_cfg(
         "krona", f"budget.krona.a_shape={a}", f"budget.krona.b_shape={b or 'null'}",
@@ -391,7 +391,7 @@ def test_s_res_sharing_and_gradients(sharing, per_layer):
     assert sum("residual_scale" in k for k in state) == (1 if per_layer is None else len(modules))
 
 
-# ---------------------------------------------------------------- counts (SPEC §5.5)
+# ---------------------------------------------------------------- counts (docs/deviations.md)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""LoRA (SPEC §2, §13.2–3) on the four backbone families: zero-delta, merge/unmerge, the fused
+"""LoRA (Hu et al. 2021) on the four backbone families: zero-delta, merge/unmerge, the fused
 GPT-2 ``c_attn`` column blocks, equality with PEFT's LoRA, init, trainability, dropout, state."""
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_weights(family):
 
 
 def test_scaling_follows_the_fidelity_switch():
-    # s = α/r (paper); the official code uses s = 1 when α <= 1.5 (SPEC §2, §12).
+    # s = α/r (paper); the official code uses s = 1 when α <= 1.5 (docs/deviations.md, item 2).
     for fidelity, alpha, expected in [("paper", 32, 8.0), ("paper", 1, 0.25), ("code", 1, 1.0), ("code", 32, 8.0)]:
         adapted = lora(tiny_model("llama"), f"method.components.lora.alpha={alpha}", r=4, fidelity=fidelity)
         assert {b.scaling for b in lora_branches(adapted)} == {expected}

@@ -1,4 +1,4 @@
-"""E2E NLG Challenge metrics (SPEC §16.5): mteval's tokenisation, BLEU and NIST by hand, ROUGE-L and
+"""E2E NLG Challenge metrics (Dušek et al. 2020; docs/benchmarks.md): mteval's tokenisation, BLEU and NIST by hand, ROUGE-L and
 CIDEr by hand, and whole test sets against what the official scorer (``e2e-metrics``'
 ``measure_scores.py`` with ``mteval-v13a-sig.pl``) printed for them. The official numbers below were
 produced by running that scorer on the same inputs (its BLEU/NIST printf widened to 12 decimals).

@@ -27,7 +27,7 @@ def test_every_row_names_real_configs():
         assert r.budget in available("budget"), r
 
 
-ROWS = [  # (row, trainable, stored) — SPEC §8's worked counts
+ROWS = [  # (row, trainable, stored) — the papers' printed counts, [KM] Table 1 and [IT] Table 1
     (PaperRow("KM", "1", "LoRA-4", "gpt2", "lora", "small", "0.13"), 165_888, 165_888),
     (PaperRow("KM", "1", "Prefix-108", "gpt2", "prefix", "intermediate", "7.98", "1.60"), 9_932_288, 1_990_656),
     (PaperRow("KM", "1", "Kernel-mix-lite(qv)", "gpt2", "kernel_mix_lite_qv", "small", "0.13"), 147_456, 147_456),

@@ -1,4 +1,4 @@
-"""Prefix-tuning (SPEC §7.4): equal to the official formulation (the prefix as the first l cache
+"""Prefix-tuning (Li & Liang 2021): equal to the official formulation (the prefix as the first l cache
 rows, real positions from l) and to a naive per-head concatenated attention; KV cache, batched
 generation, causality, padding; trained vs stored counts; the evaluation-time prefix table."""
 

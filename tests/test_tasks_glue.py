@@ -94,7 +94,7 @@ def test_krona_protocol_small_task_halves_dev(make_cfg, folders):
 def test_krona_protocol_large_task_holds_out_1000_training_examples(make_cfg, folders):
     task = glue(make_cfg, "sst2", folders["sst2"], "task.options.protocol=krona")
     train, test, val = task.records("train"), task.records("test"), task.records("validation")
-    assert (len(train), len(test), len(val)) == (1000, 1000, 872)  # SPEC §5.7: the 1k held out = test
+    assert (len(train), len(test), len(val)) == (1000, 1000, 872)  # [KA] App. D: the 1k held out = test
     assert not {r["text_a"] for r in train} & {r["text_a"] for r in test}
     swap = glue(make_cfg, "sst2", folders["sst2"], "task.options.protocol=krona", "task.options.krona_heldout=validation")
     assert (len(swap.records("validation")), len(swap.records("test"))) == (1000, 872)  # Compacter's code

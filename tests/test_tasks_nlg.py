@@ -1,5 +1,5 @@
-"""The GPT-2 encoding of the NLG benchmarks (SPEC §10.1–10.2, §13 item 9), the task embeddings'
-training and counting (SPEC §1.1, §10.1), and generation-based evaluation end to end."""
+"""The GPT-2 encoding of the NLG benchmarks ([KM] App. B.1, Table B.4), the task embeddings'
+training and counting ([KM] App. B.1, footnote 11; [KM] Table B.4), and generation-based evaluation end to end."""
 
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def test_gpt2_small_budget_unchanged_and_16_uncounted_rows(make_cfg):
 
 
 def test_code_fidelity_zeroes_original_rows_after_clipping(make_cfg):
-    """fidelity=code (SPEC §12 item 13): the original rows' gradient survives the backward pass
+    """fidelity=code (docs/deviations.md, item 13): the original rows' gradient survives the backward pass
     (it enters the clipping norm) and is zeroed by after_clip, before the optimizer step."""
     cfg, task = nlg_task(make_cfg, "webnlg", WEBNLG, "method=lora", "budget=tiny")
     model = load_model(cfg.model, "causal_lm", seed=0)

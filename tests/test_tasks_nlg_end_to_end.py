@@ -1,4 +1,4 @@
-"""CoQA and CNN/DM end to end (SPEC §10): tiny GPT-2 with the real GPT-2 BPE trains for a few
+"""CoQA and CNN/DM end to end (Lin et al. 2020; [KM] App. B.1): tiny GPT-2 with the real GPT-2 BPE trains for a few
 steps on the real samples, decodes greedily, scores officially and writes its record and the
 per-example scores; CNN/DM reads Lin et al.'s ``data.json`` built from the fixture stories.
 Generation across 2 processes (each decodes every second item) equals 1 process (slow)."""

@@ -1,6 +1,6 @@
 """The NLG encoding with Llama-family tokenizers (SmolLM2's byte-level BPE from its GGUF file, and a
 SentencePiece Llama tokenizer that prefixes "▁"), and the task embeddings on Llama, whose forward
-ignores ``token_type_ids`` (kpeft adds ``embed(token_type_ids)`` itself, SPEC §10.1)."""
+ignores ``token_type_ids`` (kpeft adds ``embed(token_type_ids)`` itself, [KM] Table B.4)."""
 
 from __future__ import annotations
 

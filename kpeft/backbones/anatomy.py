@@ -4,7 +4,7 @@ Methods never reach into ``model.transformer.h[i].attn.c_attn``; they ask the an
 "the q projection of layer i" and get a :class:`Projection`: a handle that knows where the
 weight lives, how it is stored (GPT-2 ``Conv1D`` = row convention ``(d_in, d_out)``;
 ``nn.Linear`` = ``(d_out, d_in)``), and which output columns belong to it (GPT-2's fused
-``c_attn`` is sliced into q/k/v column blocks, SPEC §0).
+``c_attn`` is sliced into q/k/v column blocks, docs/architecture.md).
 """
 
 from __future__ import annotations

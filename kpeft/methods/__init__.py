@@ -1,4 +1,4 @@
-"""PEFT methods as components attached at sites of a backbone (see DESIGN.md).
+"""PEFT methods as components attached at sites of a backbone (see docs/architecture.md).
 
 Importing this package registers every component kind: each module below registers its builders
 with ``@register("<kind>")``. A new component module gets one line here.

@@ -14,7 +14,7 @@ from kpeft.methods.base import AdaptedProjection, Component
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameter accounting of one run (SPEC §1.1–1.2)."""
+    """Parameter accounting of one run ([KM] Table 1, App. B.1)."""
 
     total: int  # the backbone's own parameters, before the method (tied weights once, no task head)
     trainable: int  # trained parameters that count towards the budget

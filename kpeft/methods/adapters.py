@@ -1,4 +1,4 @@
-"""Adapter baselines at the block site (SPEC §7.1, §7.2, §7.5, §4.6).
+"""Adapter baselines at the block site (Lin et al. 2020; Karimi Mahabadi et al. 2021; He et al. 2022; [IT] Table 5).
 
 * ``adapter`` — a bottleneck adapter ``Δ(h) = s·(W_up act(W_down LN_a(h) + b_d) + b_u)``:
 

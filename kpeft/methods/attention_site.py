@@ -1,11 +1,11 @@
 """The attention site: components that act *inside* the per-head softmax attention of a layer
-(DESIGN.md; SPEC §1.6 (b), (c)) — prefix-tuning's extra keys/values, inducer-tuning's per-query
+(docs/architecture.md) — prefix-tuning's extra keys/values, inducer-tuning's per-query
 inducer term.
 
 **How it plugs into transformers (5.x), without forking modeling code.** Every supported family
 (GPT-2, BERT/RoBERTa, T5, Llama) computes q/k/v (RoPE and the KV cache included) and then calls a
 pluggable attention function ``fn(module, query, key, value, attention_mask, scaling, dropout,
-**kwargs)`` with ``(batch, heads, length, head_dim)`` tensors (SPEC §17). kpeft registers
+**kwargs)`` with ``(batch, heads, length, head_dim)`` tensors (transformers 5.x). kpeft registers
 
 * :func:`kpeft_attention` with ``transformers.AttentionInterface`` under the name ``"kpeft"``, and
 * transformers' **eager** mask builder with ``AttentionMaskInterface`` under the same name (an
@@ -30,7 +30,7 @@ components find themselves on it: an :class:`AttentionSite` installed as the sub
 3. ``transform_output(call, f)`` — may change the per-head output ``f (B, H, n, p)`` before the
    heads are merged and W_o is applied (the inducer).
 
-Components that need the **pre-RoPE query** (the inducer on Llama: SPEC §4.7) get it as
+Components that need the **pre-RoPE query** (the inducer on Llama: docs/methods.md) get it as
 ``call.query_pre``: on rotary backbones the site taps the q projection's output (a forward hook on
 the q projection, wrapped once in :class:`~kpeft.methods.base.AdaptedProjection` so that a LoRA
 branch on W_q is included in what the tap sees, whatever order the components are built in).

@@ -1,6 +1,6 @@
 """Components and the weight site.
 
-A PEFT method is a set of *components*, each attached at one kind of site (DESIGN.md):
+A PEFT method is a set of *components*, each attached at one kind of site (docs/architecture.md):
 
 * **weight** — a branch parallel to a projection, ``y = base(x) + Δ(x)``, whose effect is a fixed
   weight delta ``ΔW`` (row convention, ``(d_in, d_out)``) and bias delta: mergeable.
@@ -44,7 +44,7 @@ class WeightComponent(Component):
     mergeable = True
     # A branch that reads the frozen projection's own output sets this (class or instance) and is
     # called as ``branch(x, y)``: GPT-2's fused c_attn output holds the keys that Kernel-wise-lite
-    # reuses (SPEC §3.5).
+    # reuses ([KM] App. B.3).
     uses_base_output: bool = False
 
     def __init__(self, projection: Projection):
@@ -185,7 +185,7 @@ def init_output_factor(t: torch.Tensor, scheme: str) -> None:
 
 
 def trunc_normal_001_(t: torch.Tensor) -> torch.Tensor:
-    """The official code's "Houlsby" init (SPEC §0): ``fmod(N(0,1), 2) · 0.01`` (wrapped, not
+    """The official code's "Houlsby" init (docs/deviations.md, item 1): ``fmod(N(0,1), 2) · 0.01`` (wrapped, not
     resampled)."""
     with torch.no_grad():
         return t.copy_(torch.fmod(torch.randn_like(t), 2.0) * 0.01)

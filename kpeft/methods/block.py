@@ -1,6 +1,6 @@
-"""The block site: modules attached around a transformer sub-layer (DESIGN.md, "block").
+"""The block site: modules attached around a transformer sub-layer (docs/architecture.md, "block").
 
-**Parallel to the FFN** (He et al.'s parallel-adapter convention; SPEC §5.3, §7.5)::
+**Parallel to the FFN** (He et al. 2022's parallel-adapter convention; [KA] Eq. 5)::
 
     FFN_out ← FFN(x) + Δ(x),      x = the FFN sub-layer's input (after the norm of pre-LN models)
 

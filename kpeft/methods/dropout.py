@@ -1,6 +1,6 @@
 """Dropout on a branch's input, with a cheaper mask on CPU.
 
-Weight-site branches drop their *input* (the full-width hidden states; SPEC §2, §3.4), and
+Weight-site branches drop their *input* (the full-width hidden states; Hu et al. 2021; [KM] §4), and
 Kernel-mix has up to six independent masks per layer, so the mask is a measurable part of a CPU
 training step. ``nn.Dropout`` draws it with ``bernoulli_``; :class:`BranchDropout` draws uniforms
 and compares, ``keep = U[0,1) ≥ p`` — Bernoulli(1 − p) up to float32's 2⁻²⁴ resolution, about

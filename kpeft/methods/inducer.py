@@ -1,4 +1,4 @@
-"""Inducer-tuning (Chen, Hazarika et al., EMNLP 2022; SPEC §4) at the attention site.
+"""Inducer-tuning (Chen, Hazarika et al., EMNLP 2022; [IT] §4) at the attention site.
 
 Prefix-tuning with one private "inducer" key/value pair per query, in residual form. Per head,
 query row ``Q_i`` (pre-RoPE on Llama), ordinary masked logits ``S_i·`` (causal + padding, T5's
@@ -229,7 +229,7 @@ def build_inducer(cfg: DictConfig, ctx: BuildContext) -> list[Inducer]:
             value=cfg.value, gating=cfg.gating, act=cfg.act, init=cfg.init,
             lambda_dropout=cfg.lambda_dropout,
             position_scaled_logit=(code and cfg.r_k == 0) if scaled is None else bool(scaled),
-            # the NLU code's λ ignores padding (SPEC §12 item 9): encoder attention, fidelity=code
+            # the NLU code's λ ignores padding (docs/deviations.md, item 9): encoder attention, fidelity=code
             mask_padding_in_lambda=(not (code and not att.causal)) if mask_padding is None else bool(mask_padding),
             device=ref.device, dtype=ref.dtype,
         )
@@ -239,7 +239,7 @@ def build_inducer(cfg: DictConfig, ctx: BuildContext) -> list[Inducer]:
 
 
 def inducer_params_per_layer(H: int, p: int, d: int, r_k: int, r_v: int, value: str = "extended") -> int:
-    """Parameters of one inducer (SPEC §4.5 formulas)."""
+    """Parameters of one inducer ([IT] Table 5 formulas)."""
     k = H * r_k * (2 * p + 1) + H * p if r_k >= 2 else 0
     v = H * r_v * (p + 1 + d) + d if value == "extended" else H * r_v * (2 * p + 1) + H * p
     return k + v

@@ -1,5 +1,5 @@
 """Kernel-wise, Kernel-wise-lite, Kernel-mix and Kernel-mix-lite (Chen, Hazarika et al. 2022;
-SPEC §3): head-specific low-rank updates of the attention matrices, in the papers' row
+[KM] §4): head-specific low-rank updates of the attention matrices, in the papers' row
 convention ``Y = X W + b`` (``W ∈ R^{d_in×d_out}``; head h owns the column block ``c_h`` of
 W_q, W_k, W_v and the row block ``c_h`` of W_o).
 
@@ -13,11 +13,11 @@ Per adapted matrix, with ``s`` the scale (1 in the official code) and ``β`` a t
 * **Kernel-mix(-lite)** = a shared LoRA ``s·B A`` (rank r_shared, no bias, its own dropout mask)
   plus one of the above on the same matrix; the head-specific part carries the bias ``s·β``.
 
-Every forward is batched over the head axis (one GEMM + one einsum; no loop over heads, SPEC §3.5).
+Every forward is batched over the head axis (one GEMM + one einsum; no loop over heads, [KM] App. B.3).
 Each branch is a :class:`~kpeft.methods.base.WeightComponent`, so merging folds ``delta_weight()``
-and ``delta_bias()`` into the frozen projection and the plain backbone runs (SPEC §3.6).
+and ``delta_bias()`` into the frozen projection and the plain backbone runs (docs/methods.md).
 
-**The lite trick** (SPEC §3.5): ``X W_k^(h) B_k A = K^(h) B_k A`` reuses the keys of the current
+**The lite trick** ([KM] App. B.3): ``X W_k^(h) B_k A = K^(h) B_k A`` reuses the keys of the current
 tokens instead of a second ``X W_k`` product.
 
 * GPT-2's fused ``c_attn`` computes K in the same output as Q and V: the lite branch declares
@@ -27,8 +27,8 @@ tokens instead of a second ``X W_k`` product.
   q branch cannot reuse it without depending on call order). There the branch uses the factored
   basis instead: ``M = W_k · blockdiag(B_k^(h)) ∈ R^{d×H·r}`` (and ``b_k · blockdiag(B_k^(h))``)
   is formed once per forward (``d·H·p·r`` flops, independent of the number of tokens) and applied
-  as one GEMM ``X M`` — exactly ``K B_k`` without materialising K. Dropout must act on K (SPEC
-  §3.4), which this form cannot express, so while training with dropout the branch computes
+  as one GEMM ``X M`` — exactly ``K B_k`` without materialising K. Dropout must act on K (as in the official
+  code), which this form cannot express, so while training with dropout the branch computes
   ``K = X W_k (+ b_k)`` itself (one extra frozen GEMM) and drops it. Both forms equal ``X ΔW``.
   Because the basis is always computed from the adapted projection's own input, lite-V is also
   right in T5 cross-attention (K and V share the encoder states); lite-Q there is refused.
@@ -310,7 +310,7 @@ def _branches(
 def build_kernel_mix(cfg: DictConfig, ctx: BuildContext) -> list[WeightComponent]:
     """Kernel-wise / Kernel-mix branches on every ``cfg.attention`` module (self | cross | all).
 
-    ``fidelity=code`` reproduces the official code (SPEC §12): ``houlsby`` init for every factor and
+    ``fidelity=code`` reproduces the official code (docs/deviations.md): ``houlsby`` init for every factor and
     bias, O ranks tied to V ranks, and the post-bias key as lite basis — whatever ``init``,
     ``tie_o_to_v`` and ``lite_basis_includes_key_bias`` say.
     """

@@ -1,10 +1,10 @@
-"""Kronecker adapters (Edalati et al., "KronA"; SPEC §5).
+"""Kronecker adapters (Edalati et al. 2022, "KronA").
 
 * **KronA** (weight site, mergeable; Eq. 3–4): a branch parallel to a projection ``W ∈ R^{d_in×d_out}``
 
       Y = X W + s · X (A ⊗ B),   A ∈ R^{m1×n1},  B ∈ R^{m2×n2},  m1·m2 = d_in,  n1·n2 = d_out
 
-  computed without forming ``A ⊗ B`` (SPEC §5.1, row-major rule): reshape ``x`` to ``(…, m1, m2)``,
+  computed without forming ``A ⊗ B`` ([KA] Eq. 2, row-major rule): reshape ``x`` to ``(…, m1, m2)``,
   ``Y = Aᵀ · X · B`` ``(…, n1, n2)``, flatten: one batched einsum whose contraction order is the
   cheaper of ``(AᵀX)B`` (``m2·n1·(m1+n2)`` multiply-adds per token) and ``Aᵀ(XB)``
   (``m1·n2·(m2+n1)``). Merging folds ``s·(A ⊗ B)`` (``torch.kron``, same block layout) into ``W``.
@@ -14,13 +14,13 @@
       FFN_out ← FFN(X) + s · Σ_k ( X (A_k ⊗ B_k) + b_k )
 
   with ``n_bias`` = 1: an output bias ``b_k ∈ R^d`` per module; 2: also a bias ``C_k ∈ R^{n1×m2}``
-  on the intermediate product, ``(A_kᵀ X + C_k) B_k`` (SPEC §5.3, our reading); 0: none.
+  on the intermediate product, ``(A_kᵀ X + C_k) B_k`` ([KA] Eq. 5, our reading); 0: none.
 * **KronA^B_res** (Eq. 6): plus ``s_res · X`` with a learnable ``s_res`` initialised to 1 (no
   sigmoid): one per Kronecker module (``residual_sharing=module``, so two modules add
   ``(s_res,1 + s_res,2)·X``), one per FFN (``ffn``) or one for the whole model (``model``).
 
 Init (Table 4): ``A ~`` Kaiming-uniform(a=√5) as torch applies it to the stored ``(m1, n1)`` tensor
-(bound ``1/√n1``), ``B = 0`` ⇒ ``ΔW = 0``; ``s = 1`` (KronA). The SPEC §5.5 reconstruction of the
+(bound ``1/√n1``), ``B = 0`` ⇒ ``ΔW = 0``; ``s = 1`` (KronA). Our reconstruction (docs/deviations.md) of the
 0.07% budget also trains T5's LayerNorms (``train_layernorm``).
 """
 
@@ -98,7 +98,7 @@ def kron_shapes(
 
 def kron_matmul(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``x @ (A ⊗ B)`` for ``x (…, m1·m2)``, without forming ``A ⊗ B``: reshape to ``(…, m1, m2)``,
-    ``Aᵀ X B`` ``(…, n1, n2)``, flatten (SPEC §5.1). One einsum; its operands are ordered so that
+    ``Aᵀ X B`` ``(…, n1, n2)``, flatten ([KA] Eq. 2). One einsum; its operands are ordered so that
     torch's left-to-right contraction takes the cheaper path (with opt_einsum installed, torch
     picks the optimal path itself)."""
     (m1, n1), (m2, n2) = A.shape, B.shape

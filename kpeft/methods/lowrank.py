@@ -1,10 +1,10 @@
-"""Low-rank weight-site components. LoRA (Hu et al.; SPEC §2):
+"""Low-rank weight-site components. LoRA (Hu et al. 2021):
 
     Y = X W + 1bᵀ + s · (Drop(X) B A + 1βᵀ),   s = α / r
 
 stored in loralib orientation: ``lora_A (r, d_in)`` is the input-side factor (Kaiming-uniform),
 ``lora_B (d_out, r)`` the output-side one (zero), so ``ΔW_row = s · (lora_B lora_A)ᵀ``. The extra
-bias β is the official code's (SPEC §2 "Bias"); it is what reproduces 0.13% / 1.61%.
+bias β is the official code's ([KM] footnote 1; docs/deviations.md, item 3); it is what reproduces 0.13% / 1.61%.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kpeft.methods.registry import BuildContext, bias_flag, register
 
 
 def lora_scaling(alpha: float, r: int, fidelity: str = "paper") -> float:
-    """``α / r``; the official code uses 1 when ``α ≤ 1.5`` (SPEC §12 item 2)."""
+    """``α / r``; the official code uses 1 when ``α ≤ 1.5`` (docs/deviations.md, item 2)."""
     if fidelity == "code" and alpha <= 1.5:
         return 1.0
     return alpha / r
@@ -80,7 +80,7 @@ class LoRA(WeightComponent):
 @register("lora")
 def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all); with
-    ``cfg.train_layernorm`` every LayerNorm trains too (SPEC §5.5)."""
+    ``cfg.train_layernorm`` every LayerNorm trains too (docs/deviations.md)."""
     comps: list[Component] = []
     for _, att in ctx.anatomy.attentions(cfg.attention):
         for target in cfg.targets:

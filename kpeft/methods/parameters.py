@@ -1,7 +1,7 @@
 """Parameter-site components: which existing backbone tensors train.
 
-* full fine-tuning (SPEC §7.6): every parameter;
-* BitFit (SPEC §7.3): every bias, LayerNorm biases included (GPT-2 small: 102,144 = 0.08%).
+* full fine-tuning ([KM] Table 1): every parameter;
+* BitFit (Ben Zaken et al. 2022): every bias, LayerNorm biases included (GPT-2 small: 102,144 = 0.08%).
   The tied GPT-2 LM head is a weight, so it stays frozen (the official code needs a flag for that).
   On a backbone without biases (T5, Llama), ``add_missing_biases`` first gives every linear layer
   and norm a zero-initialised bias, as the Compacter code does for T5 (its modified T5 builds
@@ -88,7 +88,7 @@ class BitFit(ParameterComponent):
 
 class LayerNormTuning(ParameterComponent):
     """Every normalisation layer's own parameters train (LayerNorm γ and β, T5/Llama RMSNorm
-    weight): the Compacter-codebase recipe that SPEC §5.5 uses to reconstruct KronA's 0.07%
+    weight): the Compacter-codebase recipe that our reading of KronA's 0.07% uses (docs/deviations.md)
     (T5-base: 62 × 768 = 47,616). Used through a method's ``train_layernorm`` option."""
 
     def select(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

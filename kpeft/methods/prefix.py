@@ -1,4 +1,4 @@
-"""Prefix-tuning (Li & Liang 2021; SPEC §7.4) at the attention site.
+"""Prefix-tuning (Li & Liang 2021) at the attention site.
 
 Per adapted attention module ℓ, ``l`` trained key rows ``P_k^ℓ`` and value rows ``P_v^ℓ``
 (``(H_kv, l, p)`` per head) are prepended to the keys and values; every query attends to all of

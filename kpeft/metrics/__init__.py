@@ -1,4 +1,4 @@
-"""Official metrics, one module per benchmark (SPEC §16): each reproduces the numbers of the scorer
+"""Official metrics, one module per benchmark (docs/benchmarks.md): each reproduces the numbers of the scorer
 the papers ran, not an approximation of them.
 
 * :mod:`kpeft.metrics.webnlg` — WebNLG 2017 challenge BLEU / METEOR 1.5 / TER on SEEN, UNSEEN, ALL;

@@ -1,4 +1,4 @@
-"""CoQA's official evaluation (``evaluate-v1.0``; SPEC §16.2), reproduced exactly.
+"""CoQA's official evaluation (``evaluate-v1.0``; docs/benchmarks.md), reproduced exactly.
 
 * Gold answers of turn i: ``answers[i].input_text``, then ``additional_answers[k][i].input_text``
   for each key k in file order (``span_text`` is ignored).

@@ -1,4 +1,4 @@
-"""The E2E NLG Challenge's official metrics (``e2e-metrics``' ``measure_scores.py``; SPEC §16.5).
+"""The E2E NLG Challenge's official metrics (``e2e-metrics``' ``measure_scores.py``; Dušek et al. 2020; docs/benchmarks.md).
 
 The official scorer, which the LoRA and prefix-tuning E2E tables ran, does this:
 

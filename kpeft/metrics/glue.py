@@ -1,4 +1,4 @@
-"""GLUE's official metrics (SPEC §16.4), all ×100 as the papers print them.
+"""GLUE's official metrics (docs/benchmarks.md), all ×100 as the papers print them.
 
 | task | metrics |
 |---|---|

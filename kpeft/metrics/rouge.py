@@ -1,4 +1,4 @@
-"""ROUGE for CNN/DailyMail (SPEC §16.3).
+"""ROUGE for CNN/DailyMail (docs/benchmarks.md).
 
 * :func:`rouge` — ROUGE-1/2/L/Lsum F1 ×100 from Google's ``rouge-score`` with Porter stemming
   (``use_stemmer=True``), averaged over examples. ROUGE-Lsum treats ``"\\n"`` as the sentence

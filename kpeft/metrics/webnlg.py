@@ -1,4 +1,4 @@
-"""The WebNLG 2017 challenge's automatic evaluation (SPEC §16.1).
+"""The WebNLG 2017 challenge's automatic evaluation (docs/benchmarks.md).
 
 The challenge scorer (``webnlg-automatic-evaluation``: ``evaluation.py`` + ``multi-bleu.perl -lc``,
 METEOR 1.5 ``-l en -norm -r 3``, tercom 0.7.25) is what prefix-tuning and the Kernel-mix /

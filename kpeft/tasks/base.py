@@ -91,7 +91,7 @@ class Task:
         """Summed loss over the batch's scored units and their number (examples or target tokens).
 
         Returning the *sum* lets the loop divide by the global count of an optimizer step, so that
-        gradient accumulation and data-parallel runs equal one big batch (SPEC §10.3: loss averaged
+        gradient accumulation and data-parallel runs equal one big batch (Lin et al. 2020's loss: averaged
         over the non-ignored target tokens of the batch).
         """
         logits, labels = self.scored_logits_and_labels(model, batch)

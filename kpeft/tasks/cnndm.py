@@ -1,4 +1,4 @@
-"""CNN/DailyMail summarisation (SPEC §10.2, §16.3).
+"""CNN/DailyMail summarisation (docs/benchmarks.md).
 
 Under ``task.data_dir``, per split, either:
 
@@ -166,7 +166,7 @@ class CNNDM(NLGTask):
                                                 [" ".join(r.split("\n")) for r in refs])
         return out
 
-    # ------------------------------------------------------------ GPT-2 encoding (SPEC §10.2)
+    # ------------------------------------------------------------ GPT-2 encoding (docs/benchmarks.md)
     def target_of(self, record: Record) -> str:
         return " ".join(record["highlights"].split("\n"))
 

@@ -1,4 +1,4 @@
-"""CoQA (SPEC §10.2, §10.4, §16.2): conversational question answering over a story.
+"""CoQA (docs/benchmarks.md; [KM] App. B.2): conversational question answering over a story.
 
 Under ``task.data_dir``: the official JSON files (names in ``task.options.train_file`` /
 ``dev_file``, by default ``coqa-train-v1.0.json`` and ``coqa-dev-v1.0.json``; layout
@@ -130,7 +130,7 @@ class CoQA(NLGTask):
                                                require_additional=split == "test" and bool(self.cfg.data_dir))
         return metric.evaluate(golds, sources, predictions)
 
-    # ------------------------------------------------------------ GPT-2 encoding (SPEC §10.2)
+    # ------------------------------------------------------------ GPT-2 encoding (docs/benchmarks.md)
     def target_of(self, record: Record) -> str:
         return record["answer"]
 

@@ -1,4 +1,4 @@
-"""GLUE (SPEC §11.2, §5.7, §16.4): SST-2, MNLI, CoLA, RTE, MRPC, STS-B, QNLI, QQP.
+"""GLUE (He et al. 2022; [KM] App. B.2; [KA] App. D; docs/benchmarks.md): SST-2, MNLI, CoLA, RTE, MRPC, STS-B, QNLI, QQP.
 
 Under ``task.data_dir`` (the task's folder of the GLUE download, e.g. ``glue_data/SST-2``):
 
@@ -25,7 +25,7 @@ Split protocols (``task.options.protocol``):
 * ``krona`` (KronA, following Compacter): small tasks (``task.options.size: small`` — CoLA, RTE,
   MRPC, STS-B): the dev set is permuted with ``torch.randperm`` seeded by ``split_seed`` (42), its
   first half is validation, the rest test; large tasks (SST-2, MNLI, QNLI, QQP): 1,000 permuted
-  training examples are held out — as ``test`` (``krona_heldout: test``, SPEC §5.7's wording)
+  training examples are held out — as ``test`` (``krona_heldout: test``, [KA] App. D's wording)
   with the dev set as validation, or as ``validation`` with the dev set as test
   (``krona_heldout: validation``, Compacter's code). Derived subsets keep file order.
 

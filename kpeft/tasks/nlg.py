@@ -1,4 +1,4 @@
-"""The GPT-2 (VGLM / Kernel-mix code) encoding of the NLG benchmarks (SPEC §10.1–10.4).
+"""The GPT-2 (VGLM / Kernel-mix code) encoding of the NLG benchmarks ([KM] App. B.1–B.2).
 
 Shared by :class:`~kpeft.tasks.webnlg.WebNLG`, :class:`~kpeft.tasks.coqa.CoQA` and
 :class:`~kpeft.tasks.cnndm.CNNDM` through :class:`NLGTask`:
@@ -63,7 +63,7 @@ def embeds_token_types(model) -> bool:
 
 def _add_token_type_embeddings(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook on a base model without token types (Llama): ``inputs_embeds =
-    embed(input_ids) + embed(token_type_ids)``, GPT-2's task embeddings (SPEC §10.1)."""
+    embed(input_ids) + embed(token_type_ids)``, GPT-2's task embeddings ([KM] Table B.4)."""
     types = kwargs.pop("token_type_ids", None)
     if types is None:
         return args, kwargs
@@ -188,7 +188,7 @@ class NLGTask(BenchmarkTask):
         """Resize the embeddings to the tokenizer, re-initialise the new rows, train only them
         (gradient hook on ``wte``) and keep them out of the budget (see the module docstring).
 
-        ``fidelity="code"`` (SPEC §12 item 13): no hook; :meth:`after_clip` zeroes the original
+        ``fidelity="code"`` (docs/deviations.md, item 13): no hook; :meth:`after_clip` zeroes the original
         rows' gradient *after* clipping, so the clipping norm includes the full-vocabulary
         output-embedding gradient, as in the official ``nlg/train.py``."""
         model = adapted.model

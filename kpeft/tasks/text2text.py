@@ -1,4 +1,4 @@
-"""GLUE as text-to-text for T5 (the KronA / Compacter protocol; SPEC §5.7).
+"""GLUE as text-to-text for T5 (the KronA / Compacter protocol; [KA] App. D).
 
 **Format** — T5's own (Raffel et al. 2020, Appendix D; the ``glue`` preprocessor of
 ``google-research/text-to-text-transfer-transformer``): the input is the task name, then each text

@@ -1,4 +1,4 @@
-"""WebNLG 2017 (the challenge data prefix-tuning and the Kernel-mix / Inducer code used; SPEC §10.2).
+"""WebNLG 2017 (the challenge data prefix-tuning and the Kernel-mix / Inducer code used; docs/benchmarks.md).
 
 Under ``task.data_dir``, either layout (per split, XML first):
 
@@ -187,7 +187,7 @@ class WebNLG(NLGTask):
         mode = self.options.get("meteor", "jar")
         return metric.evaluate(predictions, [e["references"] for e in entries], [e["category"] for e in entries], meteor=mode)
 
-    # ------------------------------------------------------------ GPT-2 encoding (SPEC §10.2)
+    # ------------------------------------------------------------ GPT-2 encoding (docs/benchmarks.md)
     def target_of(self, record: Record) -> str:
         return record["target"]
 

@@ -1,4 +1,4 @@
-"""Batched greedy decoding with a KV cache: causal LMs (SPEC §10.4) and encoder-decoders (T5).
+"""Batched greedy decoding with a KV cache: causal LMs ([KM] App. B.2) and encoder-decoders (T5).
 
 :func:`greedy_decode` (causal LMs) left-pads the prompts, passes an explicit attention mask and
 position ids (``cumsum(mask) - 1``, so every prompt starts at position 0 as it would alone),

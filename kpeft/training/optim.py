@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule (SPEC §11): linear warm-up from 0, then linear decay to 0."""
+"""AdamW and the learning-rate schedule ([KM] App. B.2, [IT] App. B.2): linear warm-up from 0, then linear decay to 0."""
 
 from __future__ import annotations
 
