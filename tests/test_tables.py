@@ -69,7 +69,7 @@ def test_best_index_respects_direction_and_ties():
 
 
 # ---------------------------------------------------------------- tables from records
-SPEC = TableSpec(
+TABLE = TableSpec(
     title="Synthetic", source="test", split="test",
     tasks=[TaskColumns("taskA", "Task A", [1, 2, 3],
                        [Column("acc", "Acc", example_score="score"), Column("ter", "TER", lower_is_better=True)])],
@@ -120,7 +120,7 @@ def records(tmp_path):
 
 
 def test_table_values_bold_missing_and_significance(records):
-    view = build(SPEC, "m", collect(SPEC, "m", load_runs(records)))
+    view = build(TABLE, "m", collect(TABLE, "m", load_runs(records)))
     rows = {r.label: r for r in view.rows}
     acc, ter = 0, 1
     ft = rows["FT"].cells[acc].summary
@@ -146,7 +146,7 @@ def test_table_values_bold_missing_and_significance(records):
 
 
 def test_markdown_and_latex(records):
-    view = build(SPEC, "m", collect(SPEC, "m", load_runs(records)))
+    view = build(TABLE, "m", collect(TABLE, "m", load_runs(records)))
     md = markdown(view)
     assert "| Budget | Method | Train % | Store % | Task A Acc | Task A TER |" in md
     assert "| full | FT | 100 | 0.12 | **91.00 ± 1.00** | **0.30 ± 0.01** |" in md
@@ -162,7 +162,7 @@ def test_markdown_and_latex(records):
 
 def test_missing_rows_show_a_dash_never_a_number(tmp_path):
     fake_record(tmp_path, "finetune", 1, 90.0, 0.3)
-    view = build(SPEC, "m", collect(SPEC, "m", load_runs(tmp_path)))
+    view = build(TABLE, "m", collect(TABLE, "m", load_runs(tmp_path)))
     md = markdown(view)
     assert "| small | BitFit | — | — | — (0/3) | — (0/3) |" in md
     assert "| full | FT | 100 | 0.12 | **90.00** (1/3) |" in md
@@ -172,7 +172,7 @@ def test_missing_rows_show_a_dash_never_a_number(tmp_path):
 def test_records_without_the_row_overrides_are_not_counted(tmp_path):
     fake_record(tmp_path, "ours", 1, 85.0, 0.3, config={"budget": {"ours": {"r": 1}}})
     fake_record(tmp_path, "ours", 2, 85.0, 0.3)
-    view = build(SPEC, "m", collect(SPEC, "m", load_runs(tmp_path)))
+    view = build(TABLE, "m", collect(TABLE, "m", load_runs(tmp_path)))
     assert next(r for r in view.rows if r.label == "Ours").cells[0].summary.n == 1
     assert view.ignored == 1
     assert honours({"config": {"a": {"b": [1, 2]}}}, ["a.b=[1,2]"])
