@@ -188,6 +188,7 @@ CASES = [
     Case("batch-size-zero", "train", [*TINY, "train.batch_size=0"], "batch_size", marks=[XFAIL]),
     Case("epochs-zero", "train", [*TINY, "train.epochs=0"], "epochs", marks=[XFAIL]),
     Case("grad-accum-zero", "train", [*TINY, "train.grad_accum=0"], "grad_accum", marks=[XFAIL]),
+    Case("lr-negative", "train", [*TINY, "train.lr=-0.1"], "lr", marks=[XFAIL]),
     Case("cfg-job-with-bad-setting", "train", ["--cfg", "job", *TINY, "train.batch_size=0"], "batch_size",
          marks=[XFAIL]),
     Case("changed-config-in-existing-run-dir", "train", [*TINY, "train.lr=0.5", f"run_dir={RUN}"], "config",

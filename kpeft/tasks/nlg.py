@@ -180,7 +180,9 @@ class NLGTask(BenchmarkTask):
         if limit is not None:
             segs, cut = fit_segments(segs, limit)
             if cut and self.truncation == "error":
-                raise refuse_long(1, 1, "generation", limit)
+                raise KpeftError(f"a generation prompt of task '{self.name}' is longer than {limit} tokens (the "
+                                 "model's positions less task.options.max_new_tokens; task.truncation=error): "
+                                 "lower max_new_tokens or set task.truncation=truncate")
             self._prompts_cut = getattr(self, "_prompts_cut", 0) + cut
         ex = build_example(segs)
         return ex["input_ids"], ex["token_type_ids"]
