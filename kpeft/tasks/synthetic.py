@@ -94,11 +94,10 @@ class DemoReverse(Task):
     def check_fits(self, length: int) -> None:
         """A reversal cannot be truncated (the target is the whole source): an example longer than
         the model's positions is refused, naming the longest ``task.options.length`` that fits."""
-        size, most = (length + 1, self.max_positions - 1) if self.kind == "seq2seq" else (2 * length + 2, 0)
+        size = length + 1 if self.kind == "seq2seq" else 2 * length + 2
         if self.max_positions is None or size <= self.max_positions:
             return
-        if self.kind != "seq2seq":
-            most = (self.max_positions - 2) // 2
+        most = self.max_positions - 1 if self.kind == "seq2seq" else (self.max_positions - 2) // 2
         raise KpeftError(f"task.options.length={length} makes {size}-token examples, more than the model's "
                          f"{self.max_positions} positions; use task.options.length={most} or less")
 
