@@ -38,15 +38,15 @@ from kpeft.analysis.subspace import (
     subspace_similarity,
 )
 from kpeft.analysis.updates import MatrixUpdate, load_run, weight_updates
-from kpeft.errors import KpeftError, user_errors
+from kpeft.errors import ArgumentParser, KpeftError, user_errors
 
 MAX_PANELS = 48
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kpeft.analyze", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m kpeft.analyze", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument("--layer", type=int, action="append", help="layer index (repeatable; default: all)")
     common.add_argument("--matrix", nargs="+", choices=["q", "k", "v", "o"], help="default: every adapted one")
     common.add_argument("--attention", default="all", choices=["self", "cross", "all"])

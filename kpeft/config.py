@@ -502,6 +502,8 @@ class TaskConfig:
     metric: str = MISSING  # the headline metric, higher is better
     data_dir: str | None = None
     max_length: int = 128
+    # Inputs longer than max_length or the model's positions: truncate (warn with counts) | error.
+    truncation: str = "truncate"
     # Options of the task's own loader/generator (synthetic sizes, seeds, ...).
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kpeft.errors import KpeftError, user_errors
+from kpeft.errors import ArgumentParser, KpeftError, user_errors
 from kpeft.experiments.build import build
 from kpeft.experiments.collect import collect, load_runs
 from kpeft.experiments.figure import plot
@@ -27,7 +27,7 @@ from kpeft.experiments.render import latex, markdown
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m kpeft.tables", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m kpeft.tables", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/tables", help="folder for <experiment>.md/.tex/.png")
     parser.add_argument("--no-figure", action="store_true", help="skip the PNG")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples")

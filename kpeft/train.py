@@ -37,8 +37,10 @@ from kpeft.compose import (
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
+from kpeft.paths import check_writable_dir
 from kpeft.records import is_complete, provenance, read_record, write_record
 from kpeft.tasks import Task, task_class
+from kpeft.tasks.lengths import max_positions
 from kpeft.training.loop import Trainer, make_accelerator
 
 log = logging.getLogger("kpeft.train")
@@ -54,6 +56,7 @@ def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
         task.pad_token_id = model.config.pad_token_id or 0
     elif getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    task.max_positions = max_positions(model.config)  # inputs are fitted to them (kpeft/tasks/lengths.py)
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
     if hasattr(task, "prepare_model"):  # NLG tasks: special-token embeddings (kpeft/tasks/nlg.py)
         task.prepare_model(adapted, cfg.fidelity)
@@ -191,7 +194,8 @@ def precheck(argv: list[str]) -> None:
     if any(a in ("-m", "--multirun") for a in argv):
         return
     overrides = [a for a in argv if not a.startswith(("-", "hydra.", "hydra/"))]
-    compose(overrides)
+    cfg = compose(overrides)
+    check_writable_dir(cfg.run_dir, "run directory")  # before Hydra creates it (kpeft/paths.py)
 
 
 @user_errors

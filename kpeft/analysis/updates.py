@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model
@@ -17,7 +16,9 @@ from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.methods.base import AdaptedProjection, WeightComponent
 from kpeft.methods.lowrank import LoRA
-from kpeft.training.checkpoint import ADAPTER_FILE
+from kpeft.training.checkpoint import ADAPTER_FILE, read_adapter_file, read_config_file
+
+RETRAIN = "train the run again (python -m kpeft.train ... force=true) or pass another run"
 
 HEADS_OF_KIND = {"classification": "classification", "causal_lm": "causal_lm", "seq2seq": "seq2seq"}
 
@@ -39,13 +40,13 @@ def load_run(path: str | Path) -> tuple[DictConfig, AdaptedModel]:
 
     Only the method's own tensors are loaded (task heads and task-embedding rows are not needed)."""
     ckpt = checkpoint_dir(path)
-    cfg = OmegaConf.load(ckpt / "config.yaml")
-    head = HEADS_OF_KIND.get(cfg.task.kind)
+    cfg = read_config_file(ckpt / "config.yaml", RETRAIN)
+    head = HEADS_OF_KIND.get(OmegaConf.select(cfg, "task.kind"))
     if head is None:
-        raise KpeftError(f"{ckpt}: unknown task kind {cfg.task.kind!r}")
+        raise KpeftError(f"{ckpt / 'config.yaml'}: no known task.kind; {RETRAIN}")
     model = load_model(cfg.model, head, num_labels=cfg.task.num_labels, seed=cfg.seed)
     adapted = apply_method(model, describe(model), cfg.method, cfg.get("fidelity", "paper"))
-    state = load_file(str(ckpt / ADAPTER_FILE))
+    state = read_adapter_file(ckpt / ADAPTER_FILE, RETRAIN)
     own = {id(p) for comp in adapted.all_components() for p in comp.parameters()}
     missing = []
     with torch.no_grad():

@@ -50,14 +50,51 @@ def _package_dir(package: str, model_name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
 def model_source(mcfg: DictConfig) -> str:
-    """The directory or hub id the weights come from."""
+    """The directory or hub id the weights come from: an explicit ``model.name_or_path`` always
+    (also for a packaged model, whose package is then not used), else the package's directory."""
+    if mcfg.name_or_path is not None:
+        if not str(mcfg.name_or_path).strip():
+            fallback = "drop it to use the packaged weights" if mcfg.package else "give a hub id or a directory"
+            raise KpeftError(f"model.name_or_path is empty for model '{mcfg.name}'; {fallback}")
+        return str(mcfg.name_or_path)
     if mcfg.package:
         root = _package_dir(mcfg.package, mcfg.name)
         return str(root / mcfg.package_path) if mcfg.package_path else str(root)
-    if mcfg.name_or_path:
-        return str(mcfg.name_or_path)
     raise KpeftError(f"model '{mcfg.name}' has neither name_or_path nor package; set model.name_or_path")
+
+
+def _looks_local(src: str) -> bool:
+    return Path(src).expanduser().exists() or src.startswith((".", "/", "~")) or src.count("/") > 1
+
+
+def check_model_dir(mcfg: DictConfig, src: str, weights: bool = True) -> None:
+    """A local model directory exists and (with `weights`) holds ``config.json`` and a weights file
+    (or its ``model.gguf_file``), or a one-line error naming what is missing."""
+    if not _looks_local(src):
+        return  # a hub id
+    path = Path(src).expanduser()
+    if not path.is_dir():
+        raise KpeftError(f"could not load model '{mcfg.name}' from '{src}': it is not a directory; give an HF "
+                         f"save_pretrained folder (model.name_or_path=DIR), an offline model: {OFFLINE_MODELS}; "
+                         "or model.init=random")
+    if not weights:
+        return
+    if mcfg.gguf_file:
+        if not (path / mcfg.gguf_file).is_file():
+            raise KpeftError(f"could not load model '{mcfg.name}' from '{path}': it has no {mcfg.gguf_file} "
+                             "(model.gguf_file); reinstall the model's package or fix model.gguf_file")
+        return
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        missing.append("weights (model.safetensors or pytorch_model.bin)")
+    if missing:
+        raise KpeftError(f"could not load model '{mcfg.name}' from '{path}': it has no {' and no '.join(missing)}; "
+                         "point model.name_or_path at an HF save_pretrained folder, or use model.init=random")
 
 
 def _gguf_as_plain_dir(mcfg: DictConfig) -> str:
@@ -129,6 +166,7 @@ def load_model(
             return cls.from_config(config, dtype=dtype)
     if mcfg.init != "pretrained":
         raise KpeftError(f"model.init must be 'pretrained' or 'random', not {mcfg.init!r}")
+    check_model_dir(mcfg, model_source(mcfg))
     src = _gguf_as_plain_dir(mcfg) if mcfg.gguf_file else model_source(mcfg)
     try:
         config = AutoConfig.from_pretrained(src, **extra)
@@ -136,12 +174,23 @@ def load_model(
         if seed is not None:
             torch.manual_seed(seed)  # the new task head's init
         return cls.from_pretrained(src, config=config, dtype=dtype)
+    except KpeftError:
+        raise
     except OSError as err:
         raise KpeftError(
-            f"could not load model '{mcfg.name}' from '{src}' ({str(err).splitlines()[0]}). "
+            f"could not load model '{mcfg.name}' from '{src}' ({_first_line(err)}). "
             f"Without the hub, use an offline model: {OFFLINE_MODELS}; a local directory "
             "(model.name_or_path=DIR); or model.init=random"
         ) from None
+    except Exception as err:  # a damaged config.json or weights file (JSON, safetensors, pickle errors)
+        raise KpeftError(
+            f"model '{mcfg.name}': the files in '{src}' do not load ({type(err).__name__}: {_first_line(err)}); "
+            "replace the damaged config.json / weights, or point model.name_or_path at another folder"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _offline_tokenizer_hint(mcfg: DictConfig) -> str:
@@ -170,14 +219,19 @@ def load_tokenizer(mcfg: DictConfig):
     if not explicit:
         if mcfg.init == "random" and not (mcfg.package or mcfg.name_or_path):
             raise KpeftError(f"model '{mcfg.name}' has no tokenizer; set model.tokenizer=<hub id or dir>")
+        check_model_dir(mcfg, model_source(mcfg), weights=False)
         src = _gguf_as_plain_dir(mcfg) if mcfg.gguf_file else model_source(mcfg)
+    path = Path(str(src))
+    if explicit and _looks_local(str(src)) and not path.is_dir():
+        raise KpeftError(f"model.tokenizer '{src}' is not a directory; give a tokenizer folder or a hub id")
     try:
-        tok = _tokenizer_from(Path(str(src)), str(src))
-    except OSError as err:
-        packaged = None if explicit or mcfg.package or mcfg.gguf_file else packaged_tokenizer(mcfg.get("family"))
+        tok = _tokenizer_from(path, str(src))
+    except Exception as err:  # OSError (missing files), ValueError / TypeError (damaged or partial ones)
+        unreachable = isinstance(err, OSError) and not (explicit or mcfg.package or mcfg.gguf_file)
+        packaged = packaged_tokenizer(mcfg.get("family")) if unreachable else None
         if packaged is None:
             raise KpeftError(
-                f"could not load the tokenizer of '{mcfg.name}' from '{src}' ({str(err).splitlines()[0]}); "
+                f"could not load the tokenizer of '{mcfg.name}' from '{src}' ({_first_line(err)}); "
                 f"offline, set model.tokenizer=DIR with local files ({_offline_tokenizer_hint(mcfg)})"
             ) from None
         log.info("tokenizer '%s' is unreachable; using the packaged %s tokenizer in %s", src, mcfg.family, packaged)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from kpeft.bench.report import markdown
 from kpeft.bench.run import QUICK, Options, run
-from kpeft.errors import user_errors
+from kpeft.compose import available
+from kpeft.errors import ArgumentParser, KpeftError, user_errors
 from kpeft.paths import REPO_ROOT
 
 
@@ -27,7 +28,7 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def parse(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     defaults = Options()
-    p = argparse.ArgumentParser(prog="python -m kpeft.bench", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m kpeft.bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"a seconds-long run on a tiny model ({QUICK})")
     p.add_argument("--model", help=f"a causal LM in conf/model (default {defaults.model})")
     p.add_argument("--methods", type=_csv, help="comma-separated method names (default: every conf/method)")
@@ -48,7 +49,24 @@ def parse(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     values = dict(QUICK) if args.quick else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Options)
                    if getattr(args, f.name, None) is not None})
+    check(values)
     return Options(**values), args
+
+
+def check(values: dict) -> None:
+    """Names that exist and counts that are positive, each wrong one refused in one line."""
+    for group, names in (("model", [values.get("model")]), ("method", values.get("methods") or ()),
+                         ("budget", values.get("budgets") or ())):
+        for name in names:
+            if name is not None and name not in available(group):
+                raise KpeftError(f"unknown {group} '{name}'; valid: {', '.join(available(group))}")
+    for name, value in values.items():
+        lowest = 0 if name in ("threads", "seed") else 1
+        if isinstance(value, int) and not isinstance(value, bool) and value < lowest:
+            raise KpeftError(f"--{name.replace('_', '-')} must be ≥ {lowest}, not {value}")
+    frac = values.get("target_frac")
+    if frac is not None and not 0 < frac <= 1:
+        raise KpeftError(f"--target-frac must be in (0, 1], not {frac}")
 
 
 def save(result: dict, out: Path, quick: bool) -> Path:

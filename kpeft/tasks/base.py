@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from kpeft.errors import KpeftError
+from kpeft.tasks import lengths
 
 Example = dict[str, Any]
 IGNORE = -100
@@ -25,6 +26,9 @@ class Task:
     """Base class: subclasses implement :meth:`load_splits` (and may override metrics)."""
 
     needs_tokenizer: bool = True
+    #: The model's input positions (set by ``kpeft.train.build`` before :meth:`load_splits`);
+    #: None: no limit besides ``task.max_length`` (see :mod:`kpeft.tasks.lengths`).
+    max_positions: int | None = None
 
     def __init__(self, cfg: DictConfig, tokenizer=None, pad_token_id: int = 0):
         self.cfg = cfg
@@ -61,6 +65,33 @@ class Task:
     def load_splits(self) -> dict[str, list[Example]]:  # pragma: no cover - abstract
         """``{"train": [...], "validation": [...], "test": [...]}`` of encoded examples."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------ lengths
+    @property
+    def truncation(self) -> str:
+        return lengths.check_policy(self.cfg.get("truncation", "truncate"))
+
+    def input_limit(self) -> int:
+        """The longest input: ``task.max_length`` within the model's positions (or an error)."""
+        return lengths.input_limit(int(self.cfg.max_length), self.max_positions, self.truncation)
+
+    def tokenize_fitted(self, a: Sequence[str], b: Sequence[str] | None, split: str,
+                        counts: dict[str, tuple[int, int]]) -> list[list[int]]:
+        """Token ids of texts (or text pairs) cut to :meth:`input_limit` as the tokenizer cuts them
+        (pairs: longest first); ``counts[split]`` = (examples cut, examples). With
+        ``task.truncation=error`` an example that does not fit is an error."""
+        limit = self.input_limit()
+        ids = self.tokenizer(list(a), list(b) if b is not None else None, verbose=False)["input_ids"]
+        long = [i for i, row in enumerate(ids) if len(row) > limit]
+        counts[split] = (len(long), len(ids))
+        if long and self.truncation == "error":
+            raise lengths.refuse_long(len(long), len(ids), split, limit)
+        if long:
+            cut = self.tokenizer([a[i] for i in long], [b[i] for i in long] if b is not None else None,
+                                 truncation=True, max_length=limit)["input_ids"]
+            for i, row in zip(long, cut):
+                ids[i] = row
+        return ids
 
     # ------------------------------------------------------------ batching
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:

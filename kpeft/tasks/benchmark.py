@@ -49,14 +49,30 @@ def load_hub(path: str, name: str | None = None, layout: str = "") -> Any:
         ) from None
 
 
+def read_text(path: str | Path, encoding: str = "utf-8") -> str:
+    """A data file's text, or a one-line error: missing, a folder, unreadable, not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise KpeftError(f"file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}; pass a text file")
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise KpeftError(f"file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise KpeftError(f"cannot read '{path}' ({err.strerror}); check its permissions") from None
+
+
 def read_lines(path: str | Path) -> list[str]:
     """A predictions file's lines, split exactly as Python's text-mode iteration splits them
     (``\\n``, ``\\r\\n``, ``\\r``; not ``str.splitlines``'s extra separators), newline removed."""
     path = Path(path)
     if not path.is_file():
-        raise KpeftError(f"predictions file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        return [line[:-1] if line.endswith("\n") else line for line in f]
+        raise KpeftError(f"file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}; pass a text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line[:-1] if line.endswith("\n") else line for line in f]
+    except UnicodeDecodeError as err:
+        raise KpeftError(f"file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 class BenchmarkTask(Task):

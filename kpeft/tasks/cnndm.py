@@ -27,13 +27,14 @@ Kernel-mix code's ``rouge2_vglm`` (:mod:`kpeft.metrics.rouge`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import rouge as metric
-from kpeft.tasks.benchmark import Record, canonical_split, read_lines
+from kpeft.tasks.benchmark import Record, canonical_split, read_lines, read_text
 from kpeft.tasks.nlg import NLGTask, Segment
 
 FILE_SPLIT = {"train": "train", "validation": "val", "test": "test"}
@@ -55,8 +56,7 @@ def _fix_missing_period(line: str) -> str:
 
 def read_story(path: Path) -> tuple[str, str]:
     """(article, highlights) of a ``.story`` file, as the hub's ``cnn_dailymail`` 3.0.0 builds them."""
-    with open(path, encoding="utf-8") as f:
-        lines = [_fix_missing_period(line.strip()) for line in f]
+    lines = [_fix_missing_period(line.strip()) for line in io.StringIO(read_text(path))]
     article, highlights, next_is_highlight = [], [], False
     for line in lines:
         if not line:
@@ -117,7 +117,7 @@ class CNNDM(NLGTask):
         """The parsed ``data.json`` (read once for all splits)."""
         if getattr(self, "_lin", None) is None:
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = json.loads(read_text(path))
             except json.JSONDecodeError as err:
                 raise KpeftError(f"task 'cnndm': '{path}' is not JSON ({err})") from None
             if not isinstance(data, dict):

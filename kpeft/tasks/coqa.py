@@ -29,7 +29,7 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import coqa as metric
-from kpeft.tasks.benchmark import Record, canonical_split
+from kpeft.tasks.benchmark import Record, canonical_split, read_text
 from kpeft.tasks.nlg import NLGTask, Segment, flat_metrics
 
 
@@ -47,6 +47,14 @@ def turn_records(story: dict, max_history: int) -> list[Record]:
         })
         utterances.append(golds[0])
     return records
+
+
+def _is_story(story: Any) -> bool:
+    """Whether `story` has what :func:`turn_records` reads (official layout)."""
+    keys = ("id", "source", "story", "questions", "answers")
+    return (isinstance(story, dict) and all(k in story for k in keys)
+            and isinstance(story["questions"], list) and isinstance(story["answers"], list)
+            and len(story["answers"]) >= len(story["questions"]))
 
 
 def story_from_hub(row: dict, index: int, split: str) -> dict:
@@ -92,9 +100,13 @@ class CoQA(NLGTask):
                                 "coqa-train-v1.0.json" if which == "train" else "coqa-dev-v1.0.json")
         path: Path = self.root([name]) / name
         try:
-            return json.loads(path.read_text(encoding="utf-8"))["data"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            stories = json.loads(read_text(path))["data"]
+            bad = next((i for i, story in enumerate(stories) if not _is_story(story)), None)
+            if bad is not None:
+                raise KeyError(f"data[{bad}] lacks id, source, story, or an answer per question")
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
             raise KpeftError(f"task 'coqa': '{path}' is not an official CoQA JSON file ({err!r})") from None
+        return stories
 
     def _held_out(self, stories: list[dict]) -> tuple[list[dict], list[dict]]:
         n = int(self.options.get("n_validation", 500))
@@ -117,7 +129,7 @@ class CoQA(NLGTask):
         if not path.is_file():
             raise KpeftError(f"predictions file '{path}' does not exist")
         try:
-            return metric.predictions_from_json(json.loads(path.read_text(encoding="utf-8")))
+            return metric.predictions_from_json(json.loads(read_text(path)))
         except json.JSONDecodeError as err:
             raise KpeftError(f"CoQA predictions '{path}' are not JSON ({err})") from None
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import e2e as metric
-from kpeft.tasks.benchmark import Record, canonical_split
+from kpeft.tasks.benchmark import Record, canonical_split, read_text
 from kpeft.tasks.nlg import NLGTask, Segment, flat_metrics
 
 FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
@@ -61,7 +61,7 @@ def parse_mr(mr: str) -> list[list[str]]:
 def read_csv(path: Path) -> list[tuple[str, str]]:
     """(MR, reference) rows of an E2E CSV with ``mr`` and ``ref`` columns, repaired as the official
     scorer repairs them; blank lines skipped."""
-    text = metric.fix_encoding(path.read_text(encoding="utf-8-sig"))
+    text = metric.fix_encoding(read_text(path, "utf-8-sig"))
     rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "mr" not in header or "ref" not in header:

@@ -42,6 +42,7 @@ auto, or text2text) the same records and splits are text-to-text instead:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ import torch
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import glue as metric
+from kpeft.tasks import lengths
 from kpeft.tasks.base import Example
-from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split, read_lines
+from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split, read_lines, read_text
 
 NLI3 = ("entailment", "neutral", "contradiction")
 NLI2 = ("entailment", "not_entailment")
@@ -104,8 +106,7 @@ def _label(spec: GlueSpec, value: str, where: str) -> int | float:
 
 def read_tsv(path: Path, spec: GlueSpec, subset: str | None = None) -> list[Record]:
     """A GLUE TSV (no quoting: fields are split on tabs) as records."""
-    with open(path, encoding="utf-8-sig") as f:
-        rows = [line.rstrip("\r\n").split("\t") for line in f]
+    rows = [line.rstrip("\r\n").split("\t") for line in io.StringIO(read_text(path, "utf-8-sig"))]
     if spec.header:
         rows = rows[1:]
     a, b = spec.text_cols
@@ -128,12 +129,16 @@ def read_tsv(path: Path, spec: GlueSpec, subset: str | None = None) -> list[Reco
 def read_jsonl(path: Path, spec: GlueSpec) -> list[Record]:
     """SuperGLUE's RTE layout (``premise``, ``hypothesis``, ``label``)."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
+    for i, line in enumerate(io.StringIO(read_text(path))):
+        if line.strip():
+            try:
                 row = json.loads(line)
-                out.append({"idx": len(out), "text_a": row["premise"], "text_b": row["hypothesis"],
-                            "label": _label(spec, str(row["label"]), f"{path.name} line {i + 1}")})
+                texts = row["premise"], row["hypothesis"], row["label"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise KpeftError(f"{path.name} line {i + 1} is not a JSON object with premise, hypothesis, label "
+                                 f"({err!r}); is it SuperGLUE's RTE layout?") from None
+            out.append({"idx": len(out), "text_a": texts[0], "text_b": texts[1],
+                        "label": _label(spec, str(texts[2]), f"{path.name} line {i + 1}")})
     return out
 
 
@@ -141,8 +146,8 @@ def read_mrpc_raw(root: Path, spec: GlueSpec) -> dict[str, list[Record]]:
     """MRPC from ``msr_paraphrase_train.txt`` + ``dev_ids.tsv``: GLUE's train / dev split."""
     dev_ids = {tuple(line.split("\t")[:2]) for line in read_lines(root / "dev_ids.tsv") if line.strip()}
     rows = read_tsv(root / "msr_paraphrase_train.txt", spec)
-    with open(root / "msr_paraphrase_train.txt", encoding="utf-8-sig") as f:
-        ids = [tuple(line.rstrip("\r\n").split("\t")[1:3]) for line in list(f)[1:] if line.strip()]
+    lines = list(io.StringIO(read_text(root / "msr_paraphrase_train.txt", "utf-8-sig")))
+    ids = [tuple(line.rstrip("\r\n").split("\t")[1:3]) for line in lines[1:] if line.strip()]
     train = [r for r, key in zip(rows, ids) if key not in dev_ids]
     dev = [r for r, key in zip(rows, ids) if key in dev_ids]
     return {"train": _reindex(train), "dev": _reindex(dev)}
@@ -275,16 +280,17 @@ class Glue(BenchmarkTask):
         """Encoded splits for a sequence classifier (text pairs through the model's tokenizer)."""
         if self.tokenizer is None:
             raise KpeftError(f"task '{self.name}' needs the model's tokenizer")
-        out = {}
+        out, counts = {}, {}
         for split in ("train", "validation", "test"):
             records = self.records(split)
             a = [r["text_a"] for r in records]
             b = [r["text_b"] for r in records] if self.spec.hub_text[1] else None
-            enc = self.tokenizer(a, b, truncation=True, max_length=self.cfg.max_length)
+            enc = self.tokenize_fitted(a, b, split, counts)
             out[split] = [
                 {"input_ids": ids, "label": r["label"], **({"subset": int(r["subset"] == "mismatched")} if "subset" in r else {})}
-                for ids, r in zip(enc["input_ids"], records)
+                for ids, r in zip(enc, records)
             ]
+        lengths.warn_truncated(counts, self.input_limit())
         return out
 
     def collate(self, examples):

@@ -41,6 +41,7 @@ import torch
 from kpeft.errors import KpeftError
 from kpeft.tasks.base import IGNORE, Example, _pad
 from kpeft.tasks.benchmark import BenchmarkTask, Record
+from kpeft.tasks.lengths import cut_longest_first, refuse_long, warn_truncated
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,23 @@ def build_example(segments: Sequence[Segment]) -> Example:
     return {"input_ids": ids, "token_type_ids": types, "labels": labels}
 
 
+def fit_segments(segments: Sequence[Segment], budget: int) -> tuple[list[Segment], bool]:
+    """`segments` within `budget` tokens and whether anything was cut: the source segments (all but
+    the last) lose tokens from their ends, longest first, each keeping its first (marker) token;
+    the target (the last segment) is kept whole, or cut at its end when the sources cannot make
+    room (see :mod:`kpeft.tasks.lengths`)."""
+    if sum(len(seg) for _, seg in segments) <= budget:
+        return list(segments), False
+    *source, (target_type, target) = segments
+    sizes = cut_longest_first([len(seg) for _, seg in source], max(budget - len(target), 0))
+    source = [(t, seg[:n]) for (t, seg), n in zip(source, sizes)]
+    room = budget - sum(sizes)
+    if room < 1:
+        raise KpeftError(f"an example has {len(segments)} segments, more than the {budget} tokens it may have; "
+                         "raise task.max_length (within the model's positions) or use a model with more")
+    return source + [(target_type, target[:room])], True
+
+
 class NLGTask(BenchmarkTask):
     """A benchmark with the GPT-2 special-token encoding; subclasses give :meth:`segments`."""
 
@@ -130,15 +148,42 @@ class NLGTask(BenchmarkTask):
     def target_of(self, record: Record) -> str:  # pragma: no cover
         raise NotImplementedError
 
-    def encode(self, record: Record) -> Example | None:
+    def encode(self, record: Record, limit: int | None = None) -> Example | None:
+        """The training example of `record`, cut to `limit` tokens (sources first, see
+        :func:`fit_segments`; ``self._cut`` counts the examples cut)."""
         segs = self.segments(record, self.target_of(record))
-        return None if segs is None else build_example(segs)
+        if segs is None:
+            return None
+        if limit is not None:
+            segs, cut = fit_segments(segs, limit)
+            self._cut = getattr(self, "_cut", 0) + cut
+        return build_example(segs)
+
+    def prompt_limit(self) -> int | None:
+        """The longest prompt: the model's positions less ``max_new_tokens`` (and within
+        ``task.max_length``); None before the model's positions are known."""
+        if self.max_positions is None:
+            return None
+        room = self.max_positions - self.max_new_tokens()
+        if room < 2:
+            raise KpeftError(f"task.options.max_new_tokens={self.max_new_tokens()} leaves no room for a prompt "
+                             f"in the model's {self.max_positions} positions; lower it")
+        return min(room, self.input_limit())
 
     def prompt(self, record: Record) -> tuple[list[int], list[int]] | None:
-        """(input ids, token types) of the generation prompt, ending with the target marker."""
+        """(input ids, token types) of the generation prompt, ending with the target marker, its
+        sources cut so that prompt + ``max_new_tokens`` fit the model (``self._prompts_cut``)."""
         segs = self.segments(record, None)
         if segs is None:
             return None
+        limit = self.prompt_limit()
+        if limit is not None:
+            segs, cut = fit_segments(segs, limit)
+            if cut and self.truncation == "error":
+                raise KpeftError(f"a generation prompt of task '{self.name}' is longer than {limit} tokens (the "
+                                 "model's positions less task.options.max_new_tokens; task.truncation=error): "
+                                 "lower max_new_tokens or set task.truncation=truncate")
+            self._prompts_cut = getattr(self, "_prompts_cut", 0) + cut
         ex = build_example(segs)
         return ex["input_ids"], ex["token_type_ids"]
 
@@ -158,17 +203,24 @@ class NLGTask(BenchmarkTask):
     def load_splits(self) -> dict[str, list[Example]]:
         if self.tokenizer is None:
             raise KpeftError(f"task '{self.name}' needs the GPT-2 tokenizer (model.tokenizer=DIR)")
-        out = {}
+        limit = self.input_limit()
+        self.prompt_limit()  # a max_new_tokens that leaves no room is refused now, not after training
+        out, counts = {}, {}
         for split in ("train", "validation", "test"):
             key = "max_train_examples" if split == "train" else "max_eval_examples"
             cap = self.options.get(key)
             out[split] = []
+            self._cut = 0
             for record in self.loss_records(split):  # encode lazily: a cap avoids tokenising it all
                 if cap is not None and len(out[split]) >= int(cap):
                     break
-                encoded = self.encode(record)
+                encoded = self.encode(record, limit)
                 if encoded is not None:
                     out[split].append(encoded)
+            counts[split] = (self._cut, len(out[split]))
+            if self._cut and self.truncation == "error":
+                raise refuse_long(self._cut, len(out[split]), split, limit)
+        warn_truncated(counts, limit, "examples' sources")
         return out
 
     # ------------------------------------------------------------ batching and loss
@@ -260,7 +312,12 @@ class NLGTask(BenchmarkTask):
             return {}
         batch_size = int(self.options.get("generation_batch_size") or batch_size)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        self._prompts_cut = 0
         mine = self.generate(getattr(model, "module", model), records[rank::world], batch_size)
+        if self._prompts_cut and split not in self.__dict__.setdefault("_warned_prompts", set()):
+            self._warned_prompts.add(split)  # once per split, not at every evaluation
+            warn_truncated({split: (self._prompts_cut, len(records[rank::world]))}, self.prompt_limit(),
+                           "generation prompts' sources")
         predictions = gather_in_order(mine, rank, world)
         metrics: dict[str, Any] = {}
         if rank == 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 
+from kpeft.errors import KpeftError
+from kpeft.tasks import lengths
 from kpeft.tasks.base import IGNORE, Example, Task
 
 SUBJECTS = [
@@ -56,14 +58,15 @@ class DemoSentiment(Task):
         opts = self.cfg.options
         rng = random.Random(opts.get("data_seed", 0))
         sizes = {"train": opts.get("n_train", 2000), "validation": opts.get("n_val", 300), "test": opts.get("n_test", 600)}
-        splits = {}
+        splits, counts = {}, {}
         for split, n in sizes.items():
             rows = [sentiment_example(rng) for _ in range(n)]
-            enc = self.tokenizer([t for t, _ in rows], truncation=True, max_length=self.cfg.max_length)
+            enc = self.tokenize_fitted([t for t, _ in rows], None, split, counts)
             splits[split] = [
                 {"input_ids": ids, "label": label, "text": text}
-                for ids, (text, label) in zip(enc["input_ids"], rows)
+                for ids, (text, label) in zip(enc, rows)
             ]
+        lengths.warn_truncated(counts, self.input_limit())
         return splits
 
 
@@ -77,6 +80,7 @@ class DemoReverse(Task):
         opts = self.cfg.options
         rng = random.Random(opts.get("data_seed", 0))
         n_sym, length = opts.get("n_symbols", 16), opts.get("length", 6)
+        self.check_fits(int(length))
         sizes = {"train": opts.get("n_train", 512), "validation": opts.get("n_val", 64), "test": opts.get("n_test", 128)}
         splits = {}
         for split, n in sizes.items():
@@ -86,6 +90,16 @@ class DemoReverse(Task):
                 rows.append(self.encode(src))
             splits[split] = rows
         return splits
+
+    def check_fits(self, length: int) -> None:
+        """A reversal cannot be truncated (the target is the whole source): an example longer than
+        the model's positions is refused, naming the longest ``task.options.length`` that fits."""
+        size = length + 1 if self.kind == "seq2seq" else 2 * length + 2
+        if self.max_positions is None or size <= self.max_positions:
+            return
+        most = self.max_positions - 1 if self.kind == "seq2seq" else (self.max_positions - 2) // 2
+        raise KpeftError(f"task.options.length={length} makes {size}-token examples, more than the model's "
+                         f"{self.max_positions} positions; use task.options.length={most} or less")
 
     def encode(self, src: list[int]) -> Example:
         tgt = src[::-1] + [self.EOS]

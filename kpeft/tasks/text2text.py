@@ -52,6 +52,7 @@ import torch
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import glue as metric
+from kpeft.tasks import lengths
 from kpeft.tasks.base import Example, Task
 from kpeft.tasks.benchmark import SPLITS, Record, canonical_split
 from kpeft.tasks.glue import NLI2, NLI3, Glue
@@ -190,21 +191,25 @@ class GlueText2Text(Glue):
         keep = {s: set([i for i, r in enumerate(items) if r.get("subset", "") == s][:per]) for s in subsets}
         return [r for i, r in enumerate(items) if i in keep[r.get("subset", "")]][: int(cap)]
 
-    def encode(self, records: Sequence[Record]) -> list[Example]:
-        """Input ids of :func:`source_text` (truncated to ``task.max_length``) and label ids of
+    def encode(self, records: Sequence[Record], split: str = "test",
+               counts: dict[str, tuple[int, int]] | None = None) -> list[Example]:
+        """Input ids of :func:`source_text` (truncated to ``task.max_length``, see
+        :mod:`kpeft.tasks.lengths`; ``counts[split]`` = examples cut, examples) and label ids of
         :func:`target_text`, both ending with ``</s>``."""
         if self.tokenizer is None:
             raise KpeftError(f"task '{self.name}' needs the model's tokenizer")
         name = self.spec.name
-        sources = self.tokenizer([source_text(name, r) for r in records], truncation=True,
-                                 max_length=self.cfg.max_length)["input_ids"]
+        sources = self.tokenize_fitted([source_text(name, r) for r in records], None, split,
+                                       {} if counts is None else counts)
         targets = self.tokenizer([target_text(name, r["label"], self.targets) for r in records])["input_ids"]
         return [{"input_ids": s, "labels": t, **({"subset": int(r["subset"] == "mismatched")} if "subset" in r else {})}
                 for s, t, r in zip(sources, targets, records)]
 
     def load_splits(self) -> dict[str, list[Example]]:
         """Encoded splits, capped by ``task.options.max_train_examples`` / ``max_eval_examples``."""
-        self._encoded = {split: self.encode(self._cap(self.records(split), split)) for split in SPLITS}
+        counts: dict[str, tuple[int, int]] = {}
+        self._encoded = {split: self.encode(self._cap(self.records(split), split), split, counts) for split in SPLITS}
+        lengths.warn_truncated(counts, self.input_limit())
         return self._encoded
 
     # Teacher-forced token accuracy, if anything asks (evaluation generates, see below).
@@ -239,7 +244,7 @@ class GlueText2Text(Glue):
         records = self._cap(self.records(split), split)
         if not records:
             return {}
-        encoded = getattr(self, "_encoded", {}).get(split) or self.encode(records)
+        encoded = getattr(self, "_encoded", {}).get(split) or self.encode(records, split)
         batch_size = int(self.options.get("generation_batch_size") or batch_size)
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
         texts = gather_in_order(self.generate(getattr(model, "module", model), encoded[rank::world], batch_size),

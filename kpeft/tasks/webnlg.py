@@ -35,7 +35,7 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import webnlg as metric
-from kpeft.tasks.benchmark import Record, canonical_split
+from kpeft.tasks.benchmark import Record, canonical_split, read_text
 from kpeft.tasks.nlg import NLGTask, Segment, flat_metrics
 
 XML_DIRS = {"train": "train", "validation": "dev"}
@@ -104,7 +104,7 @@ def entries_from_xml_dir(folder: Path) -> list[Record]:
 def entries_from_json(path: Path) -> list[Record]:
     """Prefix-tuning's JSON layout: ``entries`` = ``[{"<i>": entry}]`` with i = 1, 2, ... in order."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
         items = [(k, v) for item in data["entries"] for k, v in item.items()]
     except (json.JSONDecodeError, KeyError, AttributeError) as err:
         raise KpeftError(f"WebNLG file '{path}' is not prefix-tuning's JSON layout ({err!r})") from None

@@ -70,8 +70,41 @@ def save_adapter(directory: Path, adapted: AdaptedModel, cfg: DictConfig) -> Non
     _replace_dir(tmp, directory)
 
 
+RESTART = "re-run with resume=false (start over) or force=true (replace the run)"
+
+
+def _unreadable(path: Path, err: BaseException, fix: str = RESTART) -> KpeftError:
+    """A one-line error for a checkpoint file that does not load (truncated, not ours, missing)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return KpeftError(f"checkpoint file '{path}' does not load ({type(err).__name__}: {first}); "
+                      f"it is damaged or from another method/model: {fix}")
+
+
+def _load(path: Path, loader, fix: str = RESTART):
+    try:
+        return loader(path)
+    except KpeftError:
+        raise
+    except Exception as err:  # truncated file, wrong format, tensors of another shape, ...
+        raise _unreadable(path, err, fix) from None
+
+
+def read_adapter_file(path: Path, fix: str = RESTART) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter.safetensors``, or a one-line error naming the file and `fix`."""
+    return _load(path, lambda p: load_file(str(p)), fix)
+
+
+def read_config_file(path: Path, fix: str = RESTART) -> DictConfig:
+    """A checkpoint's ``config.yaml``, or a one-line error naming the file and `fix`."""
+    cfg = _load(path, OmegaConf.load, fix)
+    if not isinstance(cfg, DictConfig):
+        raise _unreadable(path, ValueError("not a mapping"), fix)
+    return cfg
+
+
 def load_adapter(directory: Path, adapted: AdaptedModel) -> None:
-    adapted.load_adapter_state_dict(load_file(str(directory / ADAPTER_FILE)))
+    path = directory / ADAPTER_FILE
+    _load(path, lambda p: adapted.load_adapter_state_dict(load_file(str(p))))
 
 
 def rng_state() -> dict[str, Any]:
@@ -119,7 +152,9 @@ def find_resumable(directory: Path) -> Path | None:
 
 def load_training_state(directory: Path, adapted: AdaptedModel, optimizer, scheduler, cfg: DictConfig, accelerator) -> dict:
     """Restore a checkpoint written by :func:`save_training_state`; returns the loop state."""
-    saved = json.loads((directory / "state.json").read_text())
+    saved = _load(directory / "state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(saved, dict) or not {"config", "loop"} <= saved.keys():
+        raise _unreadable(directory / "state.json", ValueError("no 'config' and 'loop' entries"))
     changed = _diff(saved["config"], fingerprint(cfg))
     if changed:
         raise KpeftError(
@@ -127,12 +162,15 @@ def load_training_state(directory: Path, adapted: AdaptedModel, optimizer, sched
             f"{', '.join(changed[:6])}); use the original settings, another run_dir, or force=true to start over"
         )
     load_adapter(directory, adapted)
-    opt = torch.load(directory / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+    def restore(path: Path) -> None:
+        opt = torch.load(path, weights_only=False)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+
+    _load(directory / "optimizer.pt", restore)
     rng_file = directory / f"rng_rank{accelerator.process_index}.pt"
     if not rng_file.exists():
         raise KpeftError(f"cannot resume from {directory}: no RNG state for process {accelerator.process_index} "
                          "(was it written with a different number of processes?)")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    _load(rng_file, lambda p: set_rng_state(torch.load(p, weights_only=False)))
     return saved["loop"]
