@@ -223,7 +223,10 @@ def load_tokenizer(mcfg: DictConfig):
         src = _gguf_as_plain_dir(mcfg) if mcfg.gguf_file else model_source(mcfg)
     path = Path(str(src))
     if explicit and _looks_local(str(src)) and not path.is_dir():
-        raise KpeftError(f"model.tokenizer '{src}' is not a directory; give a tokenizer folder or a hub id")
+        raise KpeftError(
+            f"model.tokenizer '{src}' is not a directory; set model.tokenizer=DIR with local files "
+            f"({_offline_tokenizer_hint(mcfg)}) or a hub id"
+        )
     try:
         tok = _tokenizer_from(path, str(src))
     except Exception as err:  # OSError (missing files), ValueError / TypeError (damaged or partial ones)
