@@ -115,12 +115,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.train)
     lock = _hold(run_dir, accelerator)
     try:
+        if accelerator.is_main_process:
+            clean_tmp(run_dir)
         rec = existing_record(cfg, run_dir)
         if rec is not None:
             log.info("skip: %s has a finished record of this config (force=true re-runs it)", run_dir)
             return rec
         if accelerator.is_main_process:
-            clean_tmp(run_dir)
             write_overrides(run_dir, cfg.run_overrides)
         accelerator.wait_for_everyone()
         return _train(cfg, run_dir, accelerator)
