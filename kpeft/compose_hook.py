@@ -69,6 +69,11 @@ def _identity(self: ConfigLoaderImpl, cfg: DictConfig, config_name: str | None, 
     """Set ``run_id`` / ``run_overrides`` from the difference to the preset's own config."""
     groups = set(cfg.hydra.runtime.choices.keys())
     parsed = OverridesParser.create().parse_overrides(overrides=list(overrides))
+    if all(o.is_hydra_override() or o.key_or_group in groups or o.key_or_group in IDENTITY_KEYS
+           or runid.inert(o.key_or_group) for o in parsed):  # the preset's own config: no second composition
+        with open_dict(cfg):
+            cfg.run_id, cfg.run_overrides = "", []
+        return
     kept = [line for line, o in zip(overrides, parsed)
             if o.is_hydra_override() or o.key_or_group in groups or o.key_or_group in IDENTITY_KEYS]
     try:

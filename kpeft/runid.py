@@ -32,6 +32,12 @@ TEXT_KEYS: frozenset[str] = frozenset({"description"})
 OVERRIDES_FILE = "overrides.txt"
 
 
+def inert(key: str) -> bool:
+    """Whether overriding `key` cannot change the semantic config (unlike the non-semantic tables and
+    budget, whose values reach ``train``/``method``/``task``)."""
+    return _excluded(key) and not key.startswith(("method_train", "method_overrides", "task_overrides", "budget"))
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train.lr": 0.001, ...}``; lists are leaves."""
     if not isinstance(node, Mapping):

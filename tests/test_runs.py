@@ -295,3 +295,16 @@ def test_tables_choose_the_preset_record_and_flag_mixed_configs(tmp_path):
     assert view.rows[0].cells[0].differs == ["train.lr"]
     md = markdown(view)
     assert "**82.00 ± 2.83**‡" in md and "‡ configs differ within a cell: t lora-small: train.lr" in md
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_stops_when_the_directory_is_held(make_cfg, tmp_path):
+    """Only the main process takes the lock; the other learns it failed and stops too (no hang)."""
+    cfg = make_cfg(*TINY, root=tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    with RunLock(cfg.run_dir):
+        proc = subprocess.run([*torchrun, "-m", "kpeft.train", *TINY, f"output_root={tmp_path}", "train.progress=false"],
+                              capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"is in use by PID {os.getpid()}") == 2, proc.stderr[-3000:]
+    assert not list(tmp_path.rglob("record.json"))
