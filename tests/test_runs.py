@@ -94,6 +94,17 @@ def test_cfg_job_is_the_config_run_stores_for_every_preset():
         assert shown == resolved(compose(args)), args
 
 
+def test_hydra_flags_reach_hydra():
+    short = cli("-c", "job", "experiment=krona_glue", "method=krona", "task=glue_rte", "train.batch_size=50")
+    assert short.returncode == 0, short.stderr[-2000:]
+    shown = OmegaConf.create(short.stdout)
+    assert shown.train.lr == 0.002 and shown.train.batch_size == 50 and shown.run_overrides == ["train.batch_size=50"]
+    info = cli("--info", "config")
+    assert info.returncode == 0 and "Config" in info.stdout
+    typo = cli("--cfg", "job", "train.lrr=1")
+    assert typo.returncode == 2 and typo.stderr.startswith("kpeft: error: unknown key 'train.lrr'")
+
+
 def test_tables_are_applied_in_composition_and_the_command_line_wins():
     cfg = compose(["experiment=krona_glue", "method=krona", "task=glue_rte"])
     assert cfg.train.lr == 0.002  # method_train.krona.by_task.glue_rte, not the preset's 1e-3
@@ -140,6 +151,8 @@ def test_an_lr_sweep_gives_two_records_and_a_rerun_skips_exactly_them(tmp_path):
         lines = (p.parent / OVERRIDES_FILE).read_text().splitlines()
         assert f"train.lr={rec['config']['train']['lr']}" in lines and rec["overrides"] == lines
         assert p.parent.name == f"seed123{rec['run_id']}"
+        # what Hydra saved for the job is what ran
+        assert resolved(OmegaConf.load(p.parent / ".hydra" / "config.yaml")) == rec["config"]
     stamps = [p.stat().st_mtime_ns for p in paths]
     again = cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
