@@ -42,22 +42,29 @@ def resolved(cfg) -> dict:
 
 
 # ---------------------------------------------------------------- one composition
+def representative(data: dict) -> list[str]:
+    """A method (and budget) the preset runs: its table's first row, else its first table method."""
+    table = ((data.get("hydra") or {}).get("sweeper") or {}).get("table") or {}
+    for group in table.get("groups") or []:
+        for row in group.get("rows") or []:
+            budget = row.get("budget") or group.get("budget")
+            return [f"method={row['method']}", *([f"budget={budget}"] if budget else [])]
+    return [f"method={m}" for m in list(data.get("method_train") or {})[:1]]
+
+
 def preset_cases() -> list[list[str]]:
-    """Every experiment preset, plus one method of its per-method table (with a per-task entry
-    when it has one), so that the tables are exercised."""
+    """Every experiment preset with a method it runs, plus one method of its per-method tables
+    with a per-task entry when it has one, so that the tables are exercised."""
     cases = []
     for name in available("experiment"):
-        cases.append([f"experiment={name}"])
         data = yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()) or {}
-        for table in ("method_train", "method_overrides"):
-            for method, entry in (data.get(table) or {}).items():
-                if f"{method}" in available("method") and (entry or {}).get("by_task"):
-                    task = next(t for t in entry["by_task"] if t in available("task"))
-                    cases.append([f"experiment={name}", f"method={method}", f"task={task}"])
-                    break
-            else:
-                continue
-            break
+        cases.append([f"experiment={name}", *representative(data)])
+        entries = [(m, e) for table in ("method_train", "method_overrides")
+                   for m, e in (data.get(table) or {}).items() if (e or {}).get("by_task")]
+        if entries:
+            method, entry = entries[0]
+            task = next(t for t in entry["by_task"] if t in available("task"))
+            cases.append([f"experiment={name}", f"method={method}", f"task={task}"])
     return cases
 
 
