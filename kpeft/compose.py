@@ -20,6 +20,7 @@ from omegaconf.errors import (
 
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError
+from kpeft.validate import check_config
 
 GROUPS = ("model", "method", "budget", "task", "train", "logger", "experiment")
 
@@ -54,11 +55,13 @@ def compose(overrides: Sequence[str] = ()) -> DictConfig:
         raise KpeftError(_composition_error(err)) from None
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
-    return apply_method_train(cfg)
+    check_config(cfg)
+    return cfg
 
 
 def apply_method_train(cfg: DictConfig) -> DictConfig:
-    """Apply an experiment preset's per-task and per-method settings when a run starts:
+    """Apply an experiment preset's per-task and per-method settings, inside composition
+    (kpeft/compose_hook.py: the command line's ``key=value`` overrides are applied after them):
 
     1. ``task_overrides[<task name>]``, a partial root config, into the root;
     2. ``method_train[<method name>]`` (per-method hyper-parameters) into ``train``, then its

@@ -563,6 +563,10 @@ class Config:
     force: bool = False  # re-run even if a finished record exists (the old one is kept aside)
     output_root: str = "results/runs"
     run_dir: str = MISSING
+    # Set at composition (kpeft/compose_hook.py, docs/runs.md): "" for a run with its preset's
+    # config, else "-<hash>" of the semantic difference, which `run_overrides` lists (key=value).
+    run_id: str = ""
+    run_overrides: list[str] = field(default_factory=list)
     split: str = "test"
     # Per-method training overrides of an experiment preset: {method name: {train key: value}},
     # merged into `train` when the run starts (e.g. a higher lr for BitFit than for full FT).
@@ -577,7 +581,10 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    """Register the schemas with Hydra's ConfigStore and kpeft's composition step (idempotent)."""
+    from kpeft.compose_hook import install
+
+    install()
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)

@@ -27,21 +27,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
-from kpeft.compose import (
-    apply_method_train,
-    check_choices,
-    check_method_fits_budget,
-    check_unknown_keys,
-    compose,
-)
+from kpeft.compose import check_choices, check_method_fits_budget, check_unknown_keys, compose
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.paths import check_writable_dir
 from kpeft.records import is_complete, provenance, read_record, write_record
+from kpeft.runid import difference, semantic, write_overrides
+from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
 from kpeft.tasks.lengths import max_positions
 from kpeft.training.loop import Trainer, make_accelerator
+from kpeft.validate import check_config
 
 log = logging.getLogger("kpeft.train")
 
@@ -78,18 +75,67 @@ def _finite(x: float) -> float | None:
     return x if isinstance(x, float) and math.isfinite(x) else None
 
 
+def existing_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The finished record of this configuration, or None (none, or ``force=true``). A finished
+    record of another semantic config (a preset or a default changed since) is an error: never
+    return another configuration's results."""
+    rec = read_record(run_dir)
+    if cfg.force or rec is None or rec.get("status") != "complete":
+        return None
+    now = semantic(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+    differs = difference(now, semantic(rec.get("config") or {}), common_only=True)
+    if differs:
+        shown = ", ".join(differs[:6]) + (f" (+{len(differs) - 6} more)" if len(differs) > 6 else "")
+        raise KpeftError(f"{run_dir} holds a finished record of another config (differs in {shown}); "
+                         "re-run it with force=true (the old record is kept aside), or choose a new experiment=NAME")
+    return rec
+
+
+def _hold(run_dir: Path, accelerator: Any) -> RunLock | None:
+    """The run directory's lock, held by the main process (the others learn whether it got it)."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, error = None, [None]
+    if accelerator.is_main_process:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunLocked as err:
+            error = [str(err)]
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list(error)
+    if error[0] is not None:
+        raise RunLocked(error[0])
+    return lock
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one configuration end to end and return its record (or the existing one)."""
     run_dir = Path(cfg.run_dir)
-    if is_complete(run_dir) and not cfg.force:
-        log.info("skip: %s has a finished record (force=true re-runs it)", run_dir)
-        return read_record(run_dir)
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
-    cfg = apply_method_train(cfg)
+    check_config(cfg)
+    accelerator = make_accelerator(cfg.train)
+    lock = _hold(run_dir, accelerator)
+    try:
+        if accelerator.is_main_process:
+            clean_tmp(run_dir)
+        rec = existing_record(cfg, run_dir)
+        if rec is not None:
+            log.info("skip: %s has a finished record of this config (force=true re-runs it)", run_dir)
+            return rec
+        if accelerator.is_main_process:
+            write_overrides(run_dir, cfg.run_overrides)
+        accelerator.wait_for_everyone()
+        return _train(cfg, run_dir, accelerator)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.train.deterministic)
-    accelerator = make_accelerator(cfg.train)
     adapted, task, splits = build(cfg)
     adapted.model.to(accelerator.device)
     counts = adapted.count()
@@ -102,6 +148,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.train.eval_before_training:
         metrics["untrained"] = trainer.evaluate(cfg.split)
     state = trainer.fit()
+    if state.global_step < 1:
+        raise KpeftError(f"the run trained 0 optimizer steps ({len(splits['train'])} training examples, "
+                         f"train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); no record written")
     trainer.load_best()
     metrics[cfg.split] = trainer.evaluate(cfg.split, save_examples=True)
     metrics["validation_loss"] = _finite(state.best_val_loss)
@@ -115,6 +164,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "method": cfg.method.name,
         "budget": cfg.budget.name,
         "seed": cfg.seed,
+        "run_id": cfg.run_id,
+        "overrides": list(cfg.run_overrides),
         "metric": cfg.task.metric,
         "score": metrics[cfg.split].get(cfg.task.metric),
         "metrics": metrics,
@@ -176,7 +227,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         print(f"kpeft: error: {err}", file=sys.stderr)
         if not sweeping:
             sys.exit(2)
-        write_failure(cfg, err)
+        if not isinstance(err, RunLocked):  # the directory is another live process's
+            write_failure(cfg, err)
         return None
     except Exception as err:  # e.g. out of memory: recorded, and the sweep goes on
         if not sweeping:
@@ -188,13 +240,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose a single run once before Hydra does, so that a typo or a wrong type is reported in
-    one line naming the key (Hydra's own report is longer). Sweeps are checked name by name."""
-    check_choices(argv)
-    if any(a in ("-m", "--multirun") for a in argv):
+    """Compose a single run once before Hydra does (with the same composition, kpeft/compose_hook.py),
+    so that a typo, a wrong type or an out-of-range value is reported in one line naming the key
+    (Hydra's own report is longer). Sweeps are checked name by name; ``--help``, ``--hydra-help``,
+    ``--info`` and shell completion are left to Hydra."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    check_choices(args.overrides)
+    if args.multirun or args.help or args.hydra_help or args.info or args.shell_completion:
         return
-    overrides = [a for a in argv if not a.startswith(("-", "hydra.", "hydra/"))]
-    cfg = compose(overrides)
+    cfg = compose([a for a in args.overrides if not a.startswith(("hydra.", "hydra/", "+hydra", "++hydra"))])
     check_writable_dir(cfg.run_dir, "run directory")  # before Hydra creates it (kpeft/paths.py)
 
 

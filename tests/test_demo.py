@@ -11,7 +11,7 @@ from kpeft import demo  # noqa: E402
 
 
 def test_demo_trains_lora_and_bitfit_above_the_untrained_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(demo, "DEMO_RUNS", {k: demo.DEMO_RUNS[k] for k in ("lora", "bitfit")})
+    monkeypatch.setattr(demo, "DEMO_RUNS", ("lora", "bitfit"))
     small = [f"output_root={tmp_path}", "train.progress=false", "task.options.n_train=960", "train.epochs=2",
              "task.options.n_test=200"]
     records = demo.main(small)
@@ -26,7 +26,11 @@ def test_demo_trains_lora_and_bitfit_above_the_untrained_model(tmp_path, capsys,
         assert 35 < before < 65  # random task head: chance level
         assert r["score"] > before + 15
     assert "untrained" in out and "23,040" in out and "26,112" in out
-    assert all((tmp_path / "demo" / "demo_sentiment" / "minilm_l6").glob("*/seed123/record.json"))
+    assert [r["config"]["train"]["lr"] for r in records] == [1e-3, 5e-3]  # the demo preset's method_train
+    # smaller than the demo itself: a directory of their own, the difference in overrides.txt
+    found = sorted((tmp_path / "demo" / "demo_sentiment" / "minilm_l6").glob("*/seed123-*/record.json"))
+    assert [p.parent.parent.name for p in found] == ["bitfit-tiny", "lora-tiny"]
+    assert "train.epochs=2" in (found[0].parent / "overrides.txt").read_text().splitlines()
 
 
 @pytest.mark.slow

@@ -61,7 +61,8 @@ def test_every_row_of_a_preset_composes(preset):
         first.setdefault((cell.method, cell.budget, cell.overrides), cell)
     for cell in first.values():
         run = compose([f"experiment={preset}", *cell.as_overrides()])
-        assert run.run_dir.endswith(f"{cell.task}/{run.model.name}/{cell.method}-{cell.budget}/seed{cell.seed}")
+        path = f"{cell.task}/{run.model.name}/{cell.method}-{cell.budget}/seed{cell.seed}{run.run_id}"
+        assert run.run_dir.endswith(path) and (run.run_id == "" or cell.overrides)  # a plain row: a plain path
 
 
 def test_paper_presets_have_the_papers_seeds():
@@ -134,31 +135,38 @@ def sweep(monkeypatch, root: Path, *args: str) -> int:
         GlobalHydra.instance().clear()
 
 
+def seed_dir(runs: Path, method: str, seed: int) -> Path:
+    """The run directory of a TINY run: TINY's smaller data is a config of its own (docs/runs.md),
+    ``seed<S>-<hash>``; train.crash_after_steps does not change it."""
+    (found,) = (runs / f"{method}-small").glob(f"seed{seed}-*")
+    return found
+
+
 def test_interrupted_sweep_resumes_without_redoing_finished_runs(monkeypatch, tmp_path):
     root = tmp_path / "runs"
     runs = root / "table_smoke" / "demo_reverse" / "tiny_gpt2"
     # 1. seed 1 of both methods finishes.
     assert sweep(monkeypatch, root, "seed=1") == 0
-    finished = {m: (runs / f"{m}-small" / "seed1" / "record.json").read_text() for m in ("finetune", "lora")}
+    finished = {m: (seed_dir(runs, m, 1) / "record.json").read_text() for m in ("finetune", "lora")}
     # 2. the whole sweep, "killed" after 3 steps of every run it starts: seed 1 is not re-run, the
     #    seed-2 runs fail one after the other (the sweep goes on) with failed records.
     assert sweep(monkeypatch, root, "train.crash_after_steps=3") == 1
     for m in ("finetune", "lora"):
-        assert (runs / f"{m}-small" / "seed1" / "record.json").read_text() == finished[m]
-        failed = read_record(runs / f"{m}-small" / "seed2")
+        assert (seed_dir(runs, m, 1) / "record.json").read_text() == finished[m]
+        failed = read_record(seed_dir(runs, m, 2))
         assert failed["status"] == "failed" and failed["error"].startswith("SimulatedCrash")
         assert any("SimulatedCrash" in line for line in failed["traceback"])
-        state = json.loads((runs / f"{m}-small" / "seed2" / "checkpoints" / "last" / "state.json").read_text())
+        state = json.loads((seed_dir(runs, m, 2) / "checkpoints" / "last" / "state.json").read_text())
         assert state["loop"]["global_step"] == 2
     # 3. the same sweep again: seed 2 resumes from step 2 and completes; seed 1 is still untouched.
     assert sweep(monkeypatch, root) == 0
     for m in ("finetune", "lora"):
-        run_dir = runs / f"{m}-small" / "seed2"
+        run_dir = seed_dir(runs, m, 2)
         rec = read_record(run_dir)
         assert rec["status"] == "complete" and rec["training"]["steps"] == 8
         assert "resumed from" in (run_dir / "train.log").read_text()
         assert len(list(run_dir.glob("record.*.json"))) == 1  # the failed record, kept aside
-        assert (runs / f"{m}-small" / "seed1" / "record.json").read_text() == finished[m]
+        assert (seed_dir(runs, m, 1) / "record.json").read_text() == finished[m]
 
 
 @pytest.mark.slow

@@ -64,10 +64,14 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(make_cfg, tmp_path, met
 
 def test_resume_refuses_a_checkpoint_of_another_config(make_cfg, tmp_path):
     common = (*TINY_LM, "train.checkpoint_every_steps=5")
+    first = make_cfg(*common, "train.crash_after_steps=7", root=tmp_path)
     with pytest.raises(SimulatedCrash):
-        run(make_cfg(*common, "train.crash_after_steps=7", root=tmp_path))
+        run(first)
+    changed = make_cfg(*common, "resume=true", "train.lr=1e-2", root=tmp_path)
+    assert changed.run_dir != first.run_dir  # another config has a directory of its own (docs/runs.md) ...
+    changed.run_dir = first.run_dir  # ... unless a preset changed under the same directory
     with pytest.raises(KpeftError, match=r"another config.*train\.lr"):
-        run(make_cfg(*common, "resume=true", "train.lr=1e-2", root=tmp_path))
+        run(changed)
 
 
 def test_gradient_accumulation_equals_one_big_batch(make_cfg, tmp_path):

@@ -24,6 +24,7 @@ class CellView:
     welch_p: float | None = None  # against the best baseline of the group
     bootstrap_p: float | None = None
     reference: bool = False  # this row is the best baseline of its group for this column
+    differs: list[str] = field(default_factory=list)  # config keys in which the cell's runs differ
 
     @property
     def marks(self) -> str:
@@ -32,6 +33,8 @@ class CellView:
             out += "*"
         if self.bootstrap_p is not None and self.bootstrap_p < ALPHA:
             out += "†"
+        if self.differs:
+            out += "‡"
         return out
 
 
@@ -62,7 +65,8 @@ class TableView:
     rows: list[RowView]
     missing: list[str]  # "task method-budget seed S" of every run without a complete record
     failed: list[str]
-    ignored: int  # complete records not counted (their config lacks the row's overrides)
+    ignored: int  # complete records not counted (their config lacks the row's overrides, or another won)
+    differs: list[str] = field(default_factory=list)  # "task method-budget: keys" of cells with mixed configs
 
     @property
     def expected(self) -> int:
@@ -85,7 +89,7 @@ def _pct(cells: list[RowTask], key: str) -> float | None:
 def build(spec: TableSpec, model: str, runs: dict[tuple[int, int, str], RowTask], n_boot: int = 1000) -> TableView:
     columns = [ColumnView(t.task, t.label or t.task, c) for t in spec.tasks for c in task_columns(t)]
     seeds = {t.task: len(t.seeds) for t in spec.tasks}
-    rows, missing, failed, ignored = [], [], [], 0
+    rows, missing, failed, ignored, differs = [], [], [], 0, []
     for gi, group in enumerate(spec.groups):
         for ri, row in enumerate(group.rows):
             budget = row_budget(group, row)
@@ -95,9 +99,11 @@ def build(spec: TableSpec, model: str, runs: dict[tuple[int, int, str], RowTask]
             for col in columns:
                 rt = runs[(gi, ri, col.task)]
                 view.cells.append(CellView(summarize(rt.values(col.column, spec.split)),
-                                           seeds[col.task], len(rt.failed)))
+                                           seeds[col.task], len(rt.failed), differs=list(rt.differs)))
             for t, rt in zip(spec.tasks, per_task):
                 ignored += rt.ignored
+                if rt.differs:
+                    differs.append(f"{t.task} {row.method}-{budget}: {', '.join(rt.differs)}")
                 for seed in t.seeds:
                     if seed not in rt.records:
                         name = f"{t.task} {row.method}-{budget} seed {seed}"
@@ -105,7 +111,7 @@ def build(spec: TableSpec, model: str, runs: dict[tuple[int, int, str], RowTask]
                         if seed in rt.failed:
                             failed.append(f"{name}: {rt.failed[seed]}")
             rows.append(view)
-    table = TableView(spec, model, columns, rows, missing, failed, ignored)
+    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs)
     _mark(table, runs, n_boot)
     if spec.average:
         _add_average(table)

@@ -1,5 +1,10 @@
 """Records → the values of a table: per cell (row × task) the scores of its seeds, the failed
-seeds, parameter percentages and per-example scores. Nothing but records is read."""
+seeds, parameter percentages and per-example scores. Nothing but records is read.
+
+Runs are grouped by what actually ran: a (task, model, method, budget, seed) can have several
+records (run directories of different configs, docs/runs.md); a cell takes, per seed, the one
+honouring the row's overrides with the fewest other differences from the preset, and flags
+(``differs``) the semantic keys in which its seeds' configs differ."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import yaml
 
 from kpeft.experiments.spec import Column, TableSpec, row_budget
 from kpeft.records import iter_records
+from kpeft.runid import difference, semantic
 
 RunKey = tuple[str, str, str, str, int]  # task, model, method, budget, seed
 
@@ -22,7 +28,8 @@ class RowTask:
 
     records: dict[int, dict[str, Any]] = field(default_factory=dict)  # seed → complete record
     failed: dict[int, str] = field(default_factory=dict)  # seed → error message
-    ignored: int = 0  # complete records whose config lacks the row's overrides
+    ignored: int = 0  # complete records not used (their config lacks the row's overrides, or another one won)
+    differs: list[str] = field(default_factory=list)  # semantic keys in which the seeds' configs differ
 
     def values(self, column: Column, split: str) -> list[float]:
         """The column's metric of every seed (× the column's scale)."""
@@ -70,20 +77,47 @@ def honours(record: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> b
     return True
 
 
-def load_runs(root: Path) -> dict[RunKey, dict[str, Any]]:
-    """Every record below `root` by (task, model, method, budget, seed)."""
-    runs = {}
+def load_runs(root: Path) -> dict[RunKey, list[dict[str, Any]]]:
+    """Every record below `root` by (task, model, method, budget, seed); one key can have several
+    records (run directories of different configs)."""
+    runs: dict[RunKey, list[dict[str, Any]]] = {}
     for path, rec in iter_records(root):
         try:
             key = (rec["task"], rec["model"], rec["method"], rec["budget"], int(rec["seed"]))
         except (KeyError, TypeError, ValueError):
             continue
         rec["_dir"] = str(path.parent)  # where it is now (the record's run_dir may be relative or moved)
-        runs[key] = rec
+        runs.setdefault(key, []).append(rec)
     return runs
 
 
-def collect(spec: TableSpec, model: str, runs: dict[RunKey, dict[str, Any]]) -> dict[tuple[int, int, str], RowTask]:
+def _choose(records: list[dict[str, Any]], overrides: list[str] | tuple[str, ...]) -> tuple[dict | None, int]:
+    """(the complete record of a seed for a row, how many complete records were left out). A record
+    honouring the row's overrides with the fewest differences from its preset wins (the newest on a
+    tie); else a failed record, if any."""
+    complete = [r for r in records if r.get("status") == "complete"]
+    fitting = [r for r in complete if honours(r, overrides)]
+    if fitting:
+        newest_first = sorted(fitting, key=lambda r: str(r.get("created", "")), reverse=True)
+        best = min(newest_first, key=lambda r: len(r.get("overrides") or []))
+        return best, len(complete) - 1
+    failed = [r for r in records if r.get("status") == "failed"]
+    return (failed[-1] if failed else None), len(complete)
+
+
+def _seed_free(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record's semantic config without its seed and the values that follow it (e.g. SAID's seed)."""
+    seed = rec.get("seed")
+    return {k: v for k, v in semantic(rec.get("config") or {}).items() if k != "seed" and v != seed}
+
+
+def config_differences(records: list[dict[str, Any]]) -> list[str]:
+    """The semantic keys whose values differ among `records` (keys one of them lacks are ignored)."""
+    configs = [_seed_free(r) for r in records]
+    return sorted({k for c in configs[1:] for k in difference(configs[0], c, common_only=True)})
+
+
+def collect(spec: TableSpec, model: str, runs: dict[RunKey, list[dict[str, Any]]]) -> dict[tuple[int, int, str], RowTask]:
     """(group index, row index, task) → its runs, for every row and task of `spec`."""
     out = {}
     for gi, group in enumerate(spec.groups):
@@ -92,16 +126,15 @@ def collect(spec: TableSpec, model: str, runs: dict[RunKey, dict[str, Any]]) -> 
             for task in spec.tasks:
                 cell = RowTask()
                 for seed in task.seeds:
-                    rec = runs.get((task.task, model, row.method, budget, seed))
+                    rec, left_out = _choose(runs.get((task.task, model, row.method, budget, seed), []), row.overrides)
+                    cell.ignored += left_out
                     if rec is None:
                         continue
                     if rec.get("status") == "complete":
-                        if honours(rec, row.overrides):
-                            cell.records[seed] = rec
-                        else:
-                            cell.ignored += 1
-                    elif rec.get("status") == "failed":
+                        cell.records[seed] = rec
+                    else:
                         cell.failed[seed] = str(rec.get("error", "failed"))
+                cell.differs = config_differences(list(cell.records.values()))
                 out[(gi, ri, task.task)] = cell
     return out
 

@@ -39,7 +39,8 @@ def legend(table: TableView, n_boot: int = 1000) -> list[str]:
         f"baseline itself has no mark): p < {ALPHA}. "
         f"† paired bootstrap over test examples ({n_boot} resamples, per-example scores averaged over "
         f"seeds) against the same baseline: p < {ALPHA}.",
-    ]
+    ] + (["‡ the cell's runs differ in configuration (the keys are listed below the table)."]
+         if table.differs else [])
 
 
 def _headers(table: TableView) -> tuple[list[str], list[str]]:
@@ -91,7 +92,10 @@ def _status(table: TableView) -> str:
     if table.failed:
         text += f"; {len(table.failed)} failed"
     if table.ignored:
-        text += f"; {table.ignored} complete records ignored (their config lacks the row's overrides)"
+        text += (f"; {table.ignored} complete records ignored (their config lacks the row's overrides, "
+                 "or another config of the same run was chosen)")
+    if table.differs:
+        text += "; ‡ configs differ within a cell: " + "; ".join(table.differs)
     return text + "."
 
 
@@ -113,7 +117,7 @@ def _tex_cell(cell: CellView, col: ColumnView) -> str:
     mean = f"{s.mean:.{d}f}"
     mean = rf"\textbf{{{mean}}}" if cell.bold else mean
     text = mean + (rf"$\pm${s.std:.{d}f}" if s.n > 1 and col.task != "avg" else "")
-    marks = cell.marks.replace("†", r"\dagger")
+    marks = cell.marks.replace("†", r"\dagger").replace("‡", r"\ddagger")
     if marks:
         text += f"$^{{{marks}}}$"
     count = _count(cell)
@@ -153,6 +157,7 @@ def latex(table: TableView, n_boot: int = 1000) -> str:
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     caption = tex_escape(f"{spec.title} ({spec.source})." if spec.source else f"{spec.title}.")
-    caption += " " + tex_escape(" ".join(legend(table, n_boot))).replace("†", r"$^\dagger$")
-    lines += [rf"\caption{{{caption} {tex_escape(_status(table))}}}", r"\end{table*}"]
+    caption += " " + tex_escape(" ".join(legend(table, n_boot))).replace("†", r"$^\dagger$").replace("‡", r"$^\ddagger$")
+    status = tex_escape(_status(table)).replace("‡", r"$^\ddagger$")
+    lines += [rf"\caption{{{caption} {status}}}", r"\end{table*}"]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,8 @@
 The kpeft sweeper (``hydra_plugins/kpeft_sweeper``) turns a preset's table into one Hydra job
 per row × task × seed. Command-line values of ``task``, ``method``, ``budget`` and ``seed``
 (``seed=1,2``) keep only the matching runs; every other override goes to every job. A run whose
-record is complete is not launched again (unless ``force=true``); an interrupted one restarts
+record is complete *for its config* is not launched again (unless ``force=true``; a record of
+another config is launched and refused in one line, docs/runs.md); an interrupted one restarts
 from its last checkpoint (the presets set ``resume: true``); a failed one has a ``failed``
 record and is retried by the next sweep.
 """
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kpeft.errors import KpeftError
 from kpeft.experiments.spec import Cell, TableSpec, cells
 from kpeft.records import read_record
+from kpeft.runid import difference, semantic
 
 FILTER_KEYS = ("task", "method", "budget", "seed")
 
@@ -52,7 +54,7 @@ class Job:
     cell: Cell
     overrides: list[str]
     run_dir: Path
-    done: bool  # a complete record exists and force is off
+    done: bool  # a complete record of this config exists and force is off
 
 
 def plan(spec: TableSpec, arguments: Sequence[str], compose: Callable[[list[str]], DictConfig]) -> list[Job]:
@@ -65,9 +67,16 @@ def plan(spec: TableSpec, arguments: Sequence[str], compose: Callable[[list[str]
         cfg = compose(overrides)
         run_dir = Path(cfg.run_dir)
         rec = read_record(run_dir)
-        done = rec is not None and rec.get("status") == "complete" and not cfg.force
+        done = rec is not None and rec.get("status") == "complete" and not cfg.force and same_config(cfg, rec)
         jobs.append(Job(cell, overrides, run_dir, done))
     return jobs
+
+
+def same_config(cfg: DictConfig, record: dict) -> bool:
+    """Whether a record holds `cfg`'s semantic config (keys the record lacks are not counted)."""
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    now = semantic(OmegaConf.to_container(job, resolve=True, throw_on_missing=False))
+    return not difference(now, semantic(record.get("config") or {}), common_only=True)
 
 
 def outcome(jobs: Sequence[Job]) -> dict[str, list[Job]]:
