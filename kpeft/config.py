@@ -538,6 +538,19 @@ class TrainConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """How generation-evaluated tasks decode (docs/decoding.md): greedy by default (the papers'
+    protocol); ``num_beams`` > 1 = beam search, the tokens of transformers' ``generate`` with the
+    same settings."""
+
+    num_beams: int = 1
+    length_penalty: float = 1.0  # finished hypotheses score Σ log p / length**length_penalty
+    no_repeat_ngram_size: int = 0  # 0 = off; beam search only
+    early_stopping: Any = False  # true | false (transformers' heuristic) | never (canonical beam search)
+    max_new_tokens: int | None = None  # null: the task's task.options.max_new_tokens
+
+
+@dataclass
 class LoggerConfig:
     name: str = "csv"  # csv | wandb (CSV is always written)
     project: str = "kpeft"
@@ -554,6 +567,7 @@ class Config:
     task: TaskConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     experiment: str = "default"
     seed: int = 123
     fidelity: str = "paper"  # paper | code (SPEC §1.7)

@@ -39,6 +39,7 @@ from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.records import is_complete, provenance, read_record, write_record
 from kpeft.tasks import Task, task_class
+from kpeft.training.beam import DecodeSettings
 from kpeft.training.loop import Trainer, make_accelerator
 
 log = logging.getLogger("kpeft.train")
@@ -49,6 +50,7 @@ def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     cls = task_class(cfg.task)
     tokenizer = load_tokenizer(cfg.model) if cls.needs_tokenizer else None
     task = cls(cfg.task, tokenizer)
+    task.decoding = DecodeSettings.from_config(cfg.get("decode"))
     model = load_model(cfg.model, task.head, num_labels=cfg.task.num_labels, seed=cfg.seed)
     if tokenizer is None:
         task.pad_token_id = model.config.pad_token_id or 0

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from kpeft.errors import KpeftError
+from kpeft.training.beam import DecodeSettings
 
 Example = dict[str, Any]
 IGNORE = -100
@@ -25,6 +26,8 @@ class Task:
     """Base class: subclasses implement :meth:`load_splits` (and may override metrics)."""
 
     needs_tokenizer: bool = True
+    #: How generation-evaluated tasks decode: the root config's ``decode`` section (set by ``build``).
+    decoding: DecodeSettings = DecodeSettings()
 
     def __init__(self, cfg: DictConfig, tokenizer=None, pad_token_id: int = 0):
         self.cfg = cfg
