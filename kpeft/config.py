@@ -531,6 +531,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, none on CPU) | no | bf16 | fp16
     num_workers: int = 0
+    # Recompute each block's activations in the backward pass (non-reentrant; docs/training_memory.md).
+    gradient_checkpointing: bool = False
     progress: bool = True
     deterministic: bool = True
     # Test hook: raise after this many optimizer steps, as if the process were killed.
