@@ -25,3 +25,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     # transformers ≥ 5.x renamed it activation_checkpointing_enable (the old name warns)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable(kwargs)
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_gradient_checkpointing`."""
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
