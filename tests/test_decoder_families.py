@@ -145,8 +145,26 @@ def test_phi3_computes_what_llama_computes_with_the_same_weights(method):
     torch.testing.assert_close(output(phi3, batch), output(llama, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_other_decoder_types_are_refused_in_one_line():
-    mcfg = config("model=tiny_llama", "model.architecture.model_type=gemma").model
-    with pytest.raises(KpeftError, match="model_type=gemma") as err:
-        load_model(mcfg, "causal_lm")
-    assert "\n" not in str(err.value) and "mistral" in str(err.value) and "phi3" in str(err.value)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_checkpoint_directory_loads_through_name_or_path(family, tmp_path):
+    """``model.name_or_path`` of a saved checkpoint (family llama): the same weights, and a method
+    installs on it."""
+    saved = tiny(family)
+    saved.save_pretrained(tmp_path)
+    mcfg = config(f"model=tiny_{family}", "model.init=pretrained", f"model.name_or_path={tmp_path}").model
+    loaded = load_model(mcfg, "causal_lm").eval()
+    assert type(loaded) is type(saved)
+    batch = inputs("llama")
+    torch.testing.assert_close(output(loaded, batch), output(saved, batch))
+    randomise(adapt(loaded, "inducer", budget="intermediate"))
+    assert not torch.allclose(output(loaded, batch), output(saved, batch))
+
+
+def test_other_decoder_types_are_refused_in_one_line(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gemma", vocab_size=256, hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path)
+    for overrides in (("model.architecture.model_type=gemma",), ("model.init=pretrained", f"model.name_or_path={tmp_path}")):
+        with pytest.raises(KpeftError, match="is a gemma checkpoint, which kpeft does not support") as err:
+            load_model(config("model=tiny_llama", *overrides).model, "causal_lm")
+        assert "\n" not in str(err.value) and "mistral, phi3, qwen2" in str(err.value)
