@@ -19,8 +19,9 @@ STS-B rounds ``round(5·y) / 5`` half to even, as ``tf.round`` does in T5. The t
 ``task.options.targets=indices`` uses the label index as the target text instead ("0", "1", "2"),
 as the Compacter code does (which also orders MNLI premise first; we keep T5's order).
 
-**Evaluation** — greedy decoding with the cache (:func:`~kpeft.training.decode.greedy_decode_seq2seq`,
-at most ``max_new_tokens`` tokens: by default the longest target plus ``</s>``, so a label word
+**Evaluation** — greedy decoding with the cache (:func:`~kpeft.training.decode.greedy_decode_seq2seq`;
+beam search with ``decode.num_beams`` > 1, ``docs/decoding.md``), at most ``max_new_tokens`` tokens
+(``decode.max_new_tokens``, else ``task.options.max_new_tokens``, else the longest target plus ``</s>``, so a label word
 followed by more text is not a label word); the output string is mapped back to a label as T5's
 post-processors do, and an output that is no label (an *invalid* output) counts as wrong:
 

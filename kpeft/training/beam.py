@@ -51,14 +51,17 @@ class DecodeSettings:
         if self.num_beams < 1:
             raise KpeftError(f"decode.num_beams must be >= 1 (1 = greedy), got {self.num_beams}")
         if self.no_repeat_ngram_size < 0:
-            raise KpeftError(f"decode.no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+            raise KpeftError(
+                f"decode.no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
         if self.no_repeat_ngram_size and self.num_beams == 1:
             raise KpeftError("decode.no_repeat_ngram_size needs beam search: set decode.num_beams >= 2 "
                              "(greedy decoding is the papers' plain protocol)")
         if self.early_stopping not in EARLY_STOPPING:
-            raise KpeftError(f"decode.early_stopping must be true, false or never, not {self.early_stopping!r}")
+            raise KpeftError(
+                f"decode.early_stopping must be true, false or never, not {self.early_stopping!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise KpeftError(f"decode.max_new_tokens must be >= 1 (or null: the task's), got {self.max_new_tokens}")
+            raise KpeftError(
+                f"decode.max_new_tokens must be >= 1 (or null: the task's), got {self.max_new_tokens}")
 
     @classmethod
     def from_config(cls, cfg) -> DecodeSettings:
@@ -70,7 +73,8 @@ class DecodeSettings:
             stopping = stopping.lower() == "true"
         max_new = cfg.get("max_new_tokens")
         return cls(int(cfg.get("num_beams", 1)), float(cfg.get("length_penalty", 1.0)),
-                   int(cfg.get("no_repeat_ngram_size", 0)), stopping, None if max_new is None else int(max_new))
+                   int(cfg.get("no_repeat_ngram_size", 0)), stopping,
+                   None if max_new is None else int(max_new))
 
     @property
     def greedy(self) -> bool:
@@ -149,7 +153,8 @@ def beam_search(
             gen = run_seq[:, :, :t].reshape(rows, t)
             seq = torch.cat([context, gen], dim=1)
             valid = torch.cat([context_valid, torch.ones_like(gen, dtype=torch.bool)], dim=1)
-            logp = logp.masked_fill(banned_ngram_mask(seq, valid, settings.no_repeat_ngram_size, vocab), -float("inf"))
+            banned = banned_ngram_mask(seq, valid, settings.no_repeat_ngram_size, vocab)
+            logp = logp.masked_fill(banned, -float("inf"))
         acc = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
         top_lp, top_idx = torch.topk(acc, keep)
         src, tok = top_idx // vocab, top_idx % vocab
@@ -287,7 +292,8 @@ def beam_decode_seq2seq(
     """Beam-search outputs of an encoder-decoder for `inputs`, each without its stop token."""
     if decoder_start_id is None:
         config = model.config
-        decoder_start_id = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad_id
+        start = config.decoder_start_token_id
+        decoder_start_id = start if start is not None else pad_id
     out: list[list[int]] = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
@@ -317,7 +323,8 @@ def _beam_seq2seq_batch(model, inputs, settings, max_new_tokens, stop, pad_id, s
                      past_key_values=past, use_cache=True).logits[:, -1]
 
     valid = torch.ones_like(start, dtype=torch.bool)
-    return beam_search(out.logits[:, -1], advance, settings, max_new_tokens, _stop_tensor(stop, device), start, valid)
+    stop_t = _stop_tensor(stop, device)
+    return beam_search(out.logits[:, -1], advance, settings, max_new_tokens, stop_t, start, valid)
 
 
 __all__ = ["DecodeSettings", "beam_decode", "beam_decode_seq2seq", "beam_search", "banned_ngram_mask"]
