@@ -53,7 +53,7 @@ def adapted_causal(family: str, method: str):
     if method == "lora":
         adapted = lora(model)
     else:
-        budget = "small" if method == "prefix" else "intermediate"
+        budget = "intermediate" if method in ("inducer", "kernel_mix_qvo") else "small"
         adapted = apply_method(model, describe(model), method_cfg(method, budget=budget))
     randomise(adapted, scale=0.5)
     return model.double().eval()
@@ -66,7 +66,7 @@ def stops_for(model, ps):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("method", ["lora", "prefix", "inducer"])
+@pytest.mark.parametrize("method", ["lora", "kernel_mix_qvo", "parallel_adapter", "prefix", "inducer"])
 def test_causal_beam_equals_generate(family, method):
     model = adapted_causal(family, method)
     ps = prompts()
