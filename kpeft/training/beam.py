@@ -24,6 +24,7 @@ never forms n-grams.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -249,6 +250,8 @@ def _beam_batch(model, prompts, types, settings, max_new_tokens, stop, pad_id, g
     ids, mask, tt = left_pad(prompts, types, pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:  # the prompt's last position only
+        kwargs["logits_to_keep"] = 1
     if tt is not None:
         kwargs["token_type_ids"] = tt
     out = model(**kwargs)
