@@ -533,10 +533,25 @@ class TrainConfig:
     eval_batch_size: int = 64
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, none on CPU) | no | bf16 | fp16
     num_workers: int = 0
+    # Recompute each block's activations in the backward pass (non-reentrant; docs/training_memory.md).
+    gradient_checkpointing: bool = False
     progress: bool = True
     deterministic: bool = True
     # Test hook: raise after this many optimizer steps, as if the process were killed.
     crash_after_steps: int | None = None
+
+
+@dataclass
+class DecodeConfig:
+    """How generation-evaluated tasks decode (docs/decoding.md): greedy by default (the papers'
+    protocol); ``num_beams`` > 1 = beam search, the tokens of transformers' ``generate`` with the
+    same settings."""
+
+    num_beams: int = 1
+    length_penalty: float = 1.0  # finished hypotheses score Σ log p / length**length_penalty
+    no_repeat_ngram_size: int = 0  # 0 = off; beam search only
+    early_stopping: Any = False  # true | false (transformers' heuristic) | never (canonical beam search)
+    max_new_tokens: int | None = None  # null: the task's task.options.max_new_tokens
 
 
 @dataclass
@@ -556,6 +571,7 @@ class Config:
     task: TaskConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     experiment: str = "default"
     seed: int = 123
     fidelity: str = "paper"  # paper | code (docs/deviations.md)

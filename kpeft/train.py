@@ -37,6 +37,7 @@ from kpeft.runid import difference, semantic, write_overrides
 from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
 from kpeft.tasks.lengths import max_positions
+from kpeft.training.beam import DecodeSettings
 from kpeft.training.loop import Trainer, make_accelerator
 from kpeft.validate import check_config
 
@@ -48,6 +49,7 @@ def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     cls = task_class(cfg.task)
     tokenizer = load_tokenizer(cfg.model) if cls.needs_tokenizer else None
     task = cls(cfg.task, tokenizer)
+    task.decoding = DecodeSettings.from_config(cfg.get("decode"))
     model = load_model(cfg.model, task.head, num_labels=cfg.task.num_labels, seed=cfg.seed)
     if tokenizer is None:
         task.pad_token_id = model.config.pad_token_id or 0

@@ -217,6 +217,8 @@ def test_quick_bench_prints_and_saves_every_key(tmp_path, capsys):
     assert set(printed["unmerged_latency_ratio"]) == set(QUICK_METHODS)
     assert printed["table2"]["finetune"] == {"latency": 100.0, "training_time": 100.0}
     assert set(printed["table2"]) == set(QUICK_METHODS)
+    assert set(printed["gradient_checkpointing_mem_ratio"]) == {"lora", "inducer", "prefix"}
+    assert all(v > 0 for v in printed["gradient_checkpointing_mem_ratio"].values())
     for key in ("decode_speedup_vs_naive", "decode_ratio_vs_hf_generate", "krona_reshape_speedup"):
         assert printed[key] > 0
     assert printed["decode_match_naive"] == 1.0 and printed["decode_match_hf_generate"] == 1.0  # same tokens

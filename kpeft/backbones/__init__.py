@@ -11,7 +11,11 @@ from kpeft.backbones import bert, gpt2, llama, t5
 from kpeft.backbones.anatomy import Anatomy, Attention, Layer, Projection
 
 FAMILIES = {"gpt2": gpt2.describe, "bert": bert.describe, "t5": t5.describe, "llama": llama.describe}
-FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "t5": "t5", "llama": "llama"}
+FAMILY_OF_MODEL_TYPE = {
+    "gpt2": "gpt2", "bert": "bert", "roberta": "bert", "t5": "t5",
+    # the Llama anatomy (docs/backbones.md): Mistral, Qwen2 (q/k/v biases), Phi-3 (fused qkv_proj)
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "llama",
+}
 # Heads each family can be built with; the first is what `kpeft.count` uses.
 HEADS_OF_FAMILY = {
     "gpt2": ("causal_lm", "classification"),

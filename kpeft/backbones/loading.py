@@ -126,6 +126,11 @@ def _gguf_as_plain_dir(mcfg: DictConfig) -> str:
 
 def check_family(mcfg: DictConfig, model_type: str) -> None:
     family = FAMILY_OF_MODEL_TYPE.get(model_type)
+    if family is None:
+        raise KpeftError(
+            f"model '{mcfg.name}' is a {model_type} checkpoint, which kpeft does not support (docs/backbones.md); "
+            f"supported model types: {', '.join(sorted(FAMILY_OF_MODEL_TYPE))}"
+        )
     if family != mcfg.family:
         raise KpeftError(
             f"model '{mcfg.name}' says family={mcfg.family} but its config is model_type={model_type}; "

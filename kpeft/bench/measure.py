@@ -14,6 +14,7 @@ from kpeft.bench.zoo import Entry
 from kpeft.methods.kron import kron_matmul
 from kpeft.tasks.base import IGNORE, Task
 from kpeft.training.decode import greedy_decode
+from kpeft.training.memory import disable_gradient_checkpointing, enable_gradient_checkpointing
 
 LM_TASK = Task(OmegaConf.create({"name": "bench", "kind": "causal_lm"}))
 
@@ -56,6 +57,20 @@ def peak_memory(entries: Sequence[Entry], batch, device: torch.device) -> dict[s
     for e in entries:
         e.model.train()
         out[e.name] = resident_bytes(e.model, e.optimizer) + peak_bytes(lambda e=e: train_step(e, batch), device)
+    return out
+
+
+def checkpointing_memory_ratio(entries: Sequence[Entry], batch, device: torch.device) -> dict[str, float]:
+    """Peak memory of a training step with ``train.gradient_checkpointing`` over the peak without
+    (both as in :func:`peak_memory`), per entry."""
+    out = {}
+    for e in entries:
+        plain = peak_memory([e], batch, device)[e.name]
+        enable_gradient_checkpointing(e.model)
+        try:
+            out[e.name] = peak_memory([e], batch, device)[e.name] / plain
+        finally:
+            disable_gradient_checkpointing(e.model)
     return out
 
 

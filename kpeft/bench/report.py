@@ -4,7 +4,9 @@ Ratios (issue 8): training step time over PEFT's LoRA-54 (``train_ratio_vs_peft_
 memory over full fine-tuning (``mem_ratio_vs_finetune``), inference latency over the plain
 backbone (``merged_latency_ratio`` after ``merge()`` for mergeable methods,
 ``unmerged_latency_ratio`` for every method), and KronA's Table 2 layout: latency and training
-time with full fine-tuning = 100 (mergeable methods merged).
+time with full fine-tuning = 100 (mergeable methods merged). Also reported, without a target:
+``gradient_checkpointing_mem_ratio``, the peak memory of a step with gradient checkpointing over
+the peak without (LoRA, prefix, inducer).
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ def markdown(result: dict) -> str:
             f"**{result['krona_reshape_speedup']:.1f}×** faster than the materialised Kronecker matrix (forward + "
             f"backward), {result['krona_reshape_speedup_forward']:.1f}× forward-only against a precomputed one."
         )
+    if result.get("gradient_checkpointing_mem_ratio"):
+        cells = ", ".join(f"{m} {r:.2f}×" for m, r in result["gradient_checkpointing_mem_ratio"].items())
+        lines.append(f"Peak training memory with `train.gradient_checkpointing=true` over without: {cells}.")
     checks = result.get("targets", {})
     missed = [k for k, v in checks.items() if not v["met"]]
     lines.append(f"Targets met: {len(checks) - len(missed)} of {len(checks)}" + (f"; missed: {', '.join(missed)}." if missed else "."))

@@ -28,6 +28,8 @@ from kpeft.methods.kron import KronA
 from kpeft.tasks.base import IGNORE
 
 log = logging.getLogger("kpeft.bench")
+# Methods whose peak training memory is also measured with train.gradient_checkpointing=true.
+CHECKPOINTING_METHODS = ("lora", "prefix", "inducer")
 
 
 @dataclass
@@ -178,6 +180,9 @@ def _measure(opts: Options, device: torch.device, clock: Clock) -> dict:
     train_s, slow = _train_phase(opts, peft, entries, batch, clock)
     log.info("peak memory")
     peak = measure.peak_memory([peft, *entries], batch, device)
+    checkpointed = [e for e in entries if e.name in CHECKPOINTING_METHODS]
+    log.info("gradient checkpointing memory (%s)", ", ".join(e.name for e in checkpointed) or "none")
+    ck_ratio = measure.checkpointing_memory_ratio(checkpointed, batch, device)
     ids = torch.randint(0, vocab, (opts.latency_batch, opts.latency_seq_len),
                         generator=torch.Generator().manual_seed(opts.seed)).to(device)
     latency_s, merged_s, mergeable = _latency_phase(opts, backbone, entries, ids, clock)
@@ -206,6 +211,7 @@ def _measure(opts: Options, device: torch.device, clock: Clock) -> dict:
             "krona": {k: round(v, 7) for k, v in kron["times_s"].items()},
         },
         peak_mb={k: round(v / 2**20, 1) for k, v in peak.items()},
+        gradient_checkpointing_mem_ratio={k: round(v, 4) for k, v in ck_ratio.items()},
         skipped=skipped,
     )
     result["setup"] = {

@@ -151,6 +151,7 @@ class AttentionSite(nn.Module):
         self.head_dim = att.head_dim
         self.tap_installed = False
         self._query_pre: torch.Tensor | None = None
+        self._q_block: tuple[int, int] | None = None  # q's columns in a fused qkv output (Phi-3)
 
     # ------------------------------------------------------------ pre-RoPE query tap
     def install_query_tap(self, att: Attention) -> None:
@@ -162,13 +163,13 @@ class AttentionSite(nn.Module):
         if not isinstance(wrapper, AdaptedProjection):  # later weight branches join this wrapper
             wrapper = AdaptedProjection(wrapper)
             setattr(proj.parent, proj.attr, wrapper)
-        if proj.out_slice is not None:  # pragma: no cover - no rotary family has a fused q
-            raise NotImplementedError("pre-RoPE query tap on a fused projection")
+        self._q_block = proj.out_slice  # Phi-3's fused qkv_proj: keep q's block of the output
         wrapper.register_forward_hook(self._capture_query)  # a bound method: survives deepcopy
         self.tap_installed = True
 
     def _capture_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self._query_pre = output
+        block = getattr(self, "_q_block", None)
+        self._query_pre = output if block is None else output[..., block[0] : block[1]]
 
     def _take_query_pre(self, query: torch.Tensor) -> torch.Tensor:
         if not self.tap_installed:
@@ -272,6 +273,7 @@ class _GenericSite(AttentionSite):
         nn.Module.__init__(self)
         self.components = nn.ModuleList()
         self.causal, self.rotary, self.tap_installed, self._query_pre = False, False, False, None
+        self._q_block = None
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
         self.causal = bool(getattr(module, "is_causal", False))

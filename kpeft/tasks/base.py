@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from kpeft.errors import KpeftError
 from kpeft.tasks import lengths
+from kpeft.training.beam import DecodeSettings
 
 Example = dict[str, Any]
 IGNORE = -100
@@ -29,6 +30,8 @@ class Task:
     #: The model's input positions (set by ``kpeft.train.build`` before :meth:`load_splits`);
     #: None: no limit besides ``task.max_length`` (see :mod:`kpeft.tasks.lengths`).
     max_positions: int | None = None
+    #: How generation-evaluated tasks decode: the root config's ``decode`` section (set by ``build``).
+    decoding: DecodeSettings = DecodeSettings()
 
     def __init__(self, cfg: DictConfig, tokenizer=None, pad_token_id: int = 0):
         self.cfg = cfg

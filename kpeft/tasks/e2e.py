@@ -21,7 +21,9 @@ Records:
 Encoding (the WebNLG style of :mod:`kpeft.tasks.nlg`): ``[<bos_e2e>]``, per slot
 ``[<attribute>] + attribute`` and ``[<value>] + value``, then ``[<target_e2e>] + text +
 [<eos_e2e>]``; each segment typed by its special token (the task embeddings). Generation: one
-output per MR, greedy (the LoRA paper decoded with beam search, which kpeft does not do).
+output per MR, greedy by default; the LoRA paper's beam search (Hu et al. 2021, ``gpt2_beam.py``:
+beam 10, length penalty 0.8, no repeated 4-grams) is ``decode.num_beams=10
+decode.length_penalty=0.8 decode.no_repeat_ngram_size=4`` (``docs/decoding.md``).
 
 ``python -m kpeft.score task=e2e predictions=FILE``: one output line per test MR, in order; BLEU,
 NIST, METEOR, ROUGE-L, CIDEr (:mod:`kpeft.metrics.e2e`).

@@ -21,8 +21,9 @@ Shared by :class:`~kpeft.tasks.webnlg.WebNLG`, :class:`~kpeft.tasks.coqa.CoQA` a
   its base model turns them into ``inputs_embeds = embed(input_ids) + embed(token_type_ids)``
   (GPT-2's sum, without position embeddings: RoPE), in training and decoding alike;
 * **generation** (:meth:`NLGTask.evaluate_generation`, called by ``Trainer.evaluate``): batched
-  greedy decoding with a KV cache (:mod:`kpeft.training.decode`), stopping on any of the task's
-  special tokens or after ``task.options.max_new_tokens`` (40), ``task.options.generation_batch_size``
+  greedy decoding with a KV cache (:mod:`kpeft.training.decode`; beam search with ``decode.num_beams``
+  > 1, ``docs/decoding.md``), stopping on any of the task's special tokens or after
+  ``decode.max_new_tokens`` (default: ``task.options.max_new_tokens``, 40), ``task.options.generation_batch_size``
   prompts at a time (default ``train.eval_batch_size``), each process decoding every world-th
   item; the task's official scorer on the main process; the predictions and per-example scores
   in ``<run_dir>/generations/<split>.jsonl``.
@@ -280,14 +281,15 @@ class NLGTask(BenchmarkTask):
 
     # ------------------------------------------------------------ generation
     def max_new_tokens(self) -> int:
-        return int(self.options.get("max_new_tokens", 40))
+        """``decode.max_new_tokens``, else ``task.options.max_new_tokens`` (40)."""
+        return self.decoding.tokens(self.options.get("max_new_tokens", 40))
 
     def generate(self, model, records: Sequence[Record], batch_size: int = 16) -> list[str]:
-        from kpeft.training.decode import greedy_decode
+        from kpeft.training.decode import decode
 
         prompts = [self.prompt(r) for r in records]
-        outputs = greedy_decode(
-            model, [p[0] for p in prompts], token_types=[p[1] for p in prompts],
+        outputs = decode(
+            model, [p[0] for p in prompts], self.decoding, token_types=[p[1] for p in prompts],
             gen_token_type=prompts[0][1][-1] if prompts else None, max_new_tokens=self.max_new_tokens(),
             stop_ids=self.stop_ids, pad_id=self.pad_token_id, batch_size=batch_size,
         )

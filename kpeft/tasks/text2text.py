@@ -19,8 +19,9 @@ STS-B rounds ``round(5·y) / 5`` half to even, as ``tf.round`` does in T5. The t
 ``task.options.targets=indices`` uses the label index as the target text instead ("0", "1", "2"),
 as the Compacter code does (which also orders MNLI premise first; we keep T5's order).
 
-**Evaluation** — greedy decoding with the cache (:func:`~kpeft.training.decode.greedy_decode_seq2seq`,
-at most ``max_new_tokens`` tokens: by default the longest target plus ``</s>``, so a label word
+**Evaluation** — greedy decoding with the cache (:func:`~kpeft.training.decode.greedy_decode_seq2seq`;
+beam search with ``decode.num_beams`` > 1, ``docs/decoding.md``), at most ``max_new_tokens`` tokens
+(``decode.max_new_tokens``, else ``task.options.max_new_tokens``, else the longest target plus ``</s>``, so a label word
 followed by more text is not a label word); the output string is mapped back to a label as T5's
 post-processors do, and an output that is no label (an *invalid* output) counts as wrong:
 
@@ -218,17 +219,20 @@ class GlueText2Text(Glue):
 
     # ------------------------------------------------------------ generation and scoring
     def max_new_tokens(self) -> int:
-        """``task.options.max_new_tokens``, or the longest target's token count (with ``</s>``)."""
+        """``decode.max_new_tokens``, else ``task.options.max_new_tokens``, else the longest target's
+        token count (with ``</s>``)."""
+        if self.decoding.max_new_tokens is not None:
+            return self.decoding.max_new_tokens
         if self.options.get("max_new_tokens"):
             return int(self.options.max_new_tokens)
         return max(len(ids) for ids in self.tokenizer(target_vocabulary(self.spec.name, self.targets))["input_ids"])
 
     def generate(self, model, examples: Sequence[Example], batch_size: int = 16) -> list[str]:
-        """Greedy outputs (decoded strings) for encoded examples."""
-        from kpeft.training.decode import greedy_decode_seq2seq
+        """Greedy (or, with ``decode.num_beams`` > 1, beam-search) outputs (decoded strings) for encoded examples."""
+        from kpeft.training.decode import decode_seq2seq
 
-        outputs = greedy_decode_seq2seq(
-            model, [e["input_ids"] for e in examples], max_new_tokens=self.max_new_tokens(),
+        outputs = decode_seq2seq(
+            model, [e["input_ids"] for e in examples], self.decoding, max_new_tokens=self.max_new_tokens(),
             stop_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_token_id, batch_size=batch_size,
         )
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]

@@ -159,3 +159,25 @@ def _decode_seq2seq_batch(model, inputs, max_new_tokens, stop, pad_id, start_id)
             break
         step = nxt[:, None]
     return result
+
+
+# ---------------------------------------------------------------- greedy or beam (docs/decoding.md)
+def decode(model, prompts: Sequence[Sequence[int]], settings=None, **kwargs) -> list[list[int]]:
+    """Continuations of `prompts` under ``settings`` (a :class:`~kpeft.training.beam.DecodeSettings`;
+    None = greedy): :func:`greedy_decode` for one beam, else :func:`~kpeft.training.beam.beam_decode`.
+    ``kwargs`` are theirs (``max_new_tokens``, ``stop_ids``, ``pad_id``, ``token_types``, ...)."""
+    from kpeft.training.beam import beam_decode
+
+    if settings is None or settings.greedy:
+        return greedy_decode(model, prompts, **kwargs)
+    return beam_decode(model, prompts, settings, **kwargs)
+
+
+def decode_seq2seq(model, inputs: Sequence[Sequence[int]], settings=None, **kwargs) -> list[list[int]]:
+    """As :func:`decode` for an encoder-decoder: :func:`greedy_decode_seq2seq` or
+    :func:`~kpeft.training.beam.beam_decode_seq2seq`."""
+    from kpeft.training.beam import beam_decode_seq2seq
+
+    if settings is None or settings.greedy:
+        return greedy_decode_seq2seq(model, inputs, **kwargs)
+    return beam_decode_seq2seq(model, inputs, settings, **kwargs)

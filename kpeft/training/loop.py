@@ -29,6 +29,7 @@ from kpeft.methods import AdaptedModel
 from kpeft.tasks import Task
 from kpeft.training import checkpoint as ckpt
 from kpeft.training.data import epoch_order, eval_batches, step_batches, steps_per_epoch
+from kpeft.training.memory import enable_gradient_checkpointing
 from kpeft.training.optim import build_optimizer, linear_schedule, warmup_steps
 from kpeft.training.tracking import MetricsLogger
 
@@ -98,6 +99,8 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(n_train, self.tcfg.batch_size)
         self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        if self.tcfg.get("gradient_checkpointing"):
+            enable_gradient_checkpointing(adapted.model)
         optimizer = build_optimizer(adapted.trainable_parameters(), self.tcfg)
         self.scheduler = linear_schedule(optimizer, warmup_steps(self.tcfg, self.total_steps), self.total_steps)
         self.model, self.optimizer = accelerator.prepare(adapted.model, optimizer)
