@@ -27,6 +27,7 @@ import copy
 import json
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -232,7 +233,13 @@ def export_peft(adapted: AdaptedModel, out: str | Path, tokenizer=None, base_mod
         layer.lora_B["default"].weight.copy_(b)
         if config.lora_bias:
             layer.lora_B["default"].bias.copy_(torch.zeros_like(b[:, 0]) if bias is None else bias)
-    peft_model.save_pretrained(out)
+    with warnings.catch_warnings():  # PEFT mistakes the 1-D lora_B.bias for an unsharded FSDP tensor
+        warnings.filterwarnings("ignore", message=".*invalid shape.*")
+        peft_model.save_pretrained(out)
+    path = out / "adapter_config.json"  # PEFT writes the in-memory model's name; the base is elsewhere
+    written = json.loads(path.read_text())
+    written["base_model_name_or_path"] = base_model_name_or_path
+    path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
