@@ -13,7 +13,9 @@ transformers or for PEFT (``docs/generate_export.md``).
   the q and v branches stack into one LoRA over the whole output, zero outside their column
   blocks. A trained task head goes under ``modules_to_save``. When the backbone is not a hub
   checkpoint (random init, GGUF, a local folder, or an embedding enlarged by NLG task tokens) the
-  frozen base is written to ``DIR/base`` and ``base_model_name_or_path`` points at it.
+  frozen base is written to ``DIR/base`` and ``base_model_name_or_path`` points at it. KronA goes to
+  a PEFT LoKr adapter (``w1 = Aᵀ``, ``w2 = s·Bᵀ``) where LoKr holds it exactly (square A of one
+  shape everywhere, whole ``nn.Linear`` modules); otherwise it is refused.
 
 NLG runs: the task-embedding rows are rows of the enlarged input embedding (and of the tied LM
 head); the exported model has that vocabulary and the tokenizer its added special tokens.
@@ -38,6 +40,7 @@ from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel
 from kpeft.methods.base import AdaptedProjection, WeightComponent
 from kpeft.methods.kernelwise import KernelWise, KernelWiseLite, KernelWiseOut
+from kpeft.methods.kron import KronA
 from kpeft.methods.lowrank import LoRA
 
 FORMATS = ("merged", "peft")
@@ -78,7 +81,7 @@ def check_mergeable(adapted: AdaptedModel) -> None:
     """One-line refusal when the method is not a pure weight change a plain model can hold."""
     name = _method_name(adapted)
     for comp in adapted.all_components():
-        if comp.site not in ("weight", "parameters") or not comp.mergeable and comp.site != "parameters":
+        if comp.site != "parameters" and not (comp.site == "weight" and comp.mergeable):
             raise KpeftError(
                 f"cannot export {name} merged: its {type(comp).__name__} component acts at the {comp.site} site "
                 "(it changes the computation, not only the weights); use it through kpeft.load_run"
@@ -132,15 +135,35 @@ def lora_factors(comp: WeightComponent) -> tuple[torch.Tensor, torch.Tensor]:
     raise TypeError(type(comp).__name__)
 
 
-def check_peft(adapted: AdaptedModel) -> None:
+def check_peft(adapted: AdaptedModel) -> str:
+    """``lora`` or ``lokr``: the PEFT adapter type that holds the method exactly; else a one-line refusal."""
     name = _method_name(adapted)
-    for comp in adapted.all_components():
+    comps = list(adapted.all_components())
+    if comps and all(isinstance(c, KronA) for c in comps):
+        return _check_lokr(adapted, name)
+    for comp in comps:
         if isinstance(comp, (LoRA, KernelWise, KernelWiseLite, KernelWiseOut)):
             continue
-        why = ("its update s·(A ⊗ B) is a Kronecker product, not low-rank, and PEFT LoKr export is not "
-               "implemented") if "Kron" in type(comp).__name__ else \
-            f"its {type(comp).__name__} component ({comp.site} site) is not a low-rank weight update"
-        raise KpeftError(f"cannot export {name} as a PEFT LoRA: {why}; use --format merged where it is mergeable")
+        raise KpeftError(f"cannot export {name} for PEFT: its {type(comp).__name__} component ({comp.site} site) is "
+                         "not a low-rank or Kronecker weight update; use --format merged where it is mergeable")
+    return "lora"
+
+
+def _check_lokr(adapted: AdaptedModel, name: str) -> str:
+    """PEFT LoKr holds ``W + w1 ⊗ w2`` with one ``decompose_factor`` f for every module: w1 is
+    (f, f), so KronA's A must be square and of one size everywhere, on whole nn.Linear modules."""
+    sizes = set()
+    for proj in adapted.projections():
+        comp = proj.branches[0]
+        d_in, d_out, conv = _module_width(proj.base)
+        if conv or len(proj.branches) > 1 or (comp.projection.start, comp.projection.stop) != (0, d_out):
+            raise KpeftError(f"cannot export {name} as PEFT LoKr: PEFT's LoKr has no GPT-2 fused c_attn (Conv1D "
+                             "column blocks); use --format merged")
+        sizes.add(tuple(comp.A.shape))
+    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+        raise KpeftError(f"cannot export {name} as PEFT LoKr: LoKr's w1 is (f, f) with one decompose_factor f for "
+                         f"all modules, but KronA's A is {' / '.join(map(str, sorted(sizes)))}; use --format merged")
+    return "lokr"
 
 
 def _module_width(module: nn.Module) -> tuple[int, int, bool]:
@@ -195,16 +218,16 @@ def _head_modules(adapted: AdaptedModel) -> list[str]:
 
 @torch.no_grad()
 def export_peft(adapted: AdaptedModel, out: str | Path, tokenizer=None, base_model_name_or_path: str | None = None) -> Path:
-    """A PEFT LoRA adapter in `out` equal to the method; the frozen base in ``out/base`` unless
-    `base_model_name_or_path` names the hub checkpoint it came from."""
-    from peft import LoraConfig, get_peft_model
+    """A PEFT adapter in `out` equal to the method (LoRA; KronA as LoKr); the frozen base in
+    ``out/base`` unless `base_model_name_or_path` names the hub checkpoint it came from."""
+    from peft import get_peft_model
 
-    check_peft(adapted)
+    kind = check_peft(adapted)
     out = Path(out)
     was_merged = adapted.merged
     adapted.unmerge()
     try:
-        weights = peft_lora_weights(adapted)
+        weights = peft_lora_weights(adapted) if kind == "lora" else lokr_weights(adapted)
         with plain_modules(adapted) as model:
             base = copy.deepcopy(model)
             if base_model_name_or_path is None:
@@ -215,20 +238,17 @@ def export_peft(adapted: AdaptedModel, out: str | Path, tokenizer=None, base_mod
     finally:
         if was_merged:
             adapted.merge()
-    ranks = {name: a.shape[0] for name, (a, _, _) in weights.items()}
-    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
-    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
-    fan_in_fan_out = any(_module_width(base.get_submodule(n))[2] for n in weights)
-    config = LoraConfig(
-        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=sorted(weights),
-        fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0, bias="none",
-        lora_bias=any(b is not None for _, _, b in weights.values()), modules_to_save=_head_modules(adapted) or None,
-        init_lora_weights=False, task_type=_task_type(base), base_model_name_or_path=base_model_name_or_path,
-    )
+    heads = _head_modules(adapted) or None
+    config = (_lora_config if kind == "lora" else _lokr_config)(weights, base, heads)
     peft_model = get_peft_model(base, config)
     inner = peft_model.base_model.model
-    for name, (a, b, bias) in weights.items():
+    for name, tensors in weights.items():
         layer = inner.get_submodule(name)
+        if kind == "lokr":
+            layer.lokr_w1["default"].copy_(tensors[0])
+            layer.lokr_w2["default"].copy_(tensors[1])
+            continue
+        a, b, bias = tensors
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(b)
         if config.lora_bias:
@@ -243,6 +263,42 @@ def export_peft(adapted: AdaptedModel, out: str | Path, tokenizer=None, base_mod
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def _lora_config(weights, base: nn.Module, heads: list[str] | None):
+    from peft import LoraConfig
+
+    ranks = {name: a.shape[0] for name, (a, _, _) in weights.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    pattern = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    return LoraConfig(
+        r=r, lora_alpha=r, rank_pattern=pattern, alpha_pattern=dict(pattern), target_modules=sorted(weights),
+        fan_in_fan_out=any(_module_width(base.get_submodule(n))[2] for n in weights), lora_dropout=0.0,
+        bias="none", lora_bias=any(b is not None for _, _, b in weights.values()), modules_to_save=heads,
+        init_lora_weights=False, task_type=_task_type(base),
+    )
+
+
+@torch.no_grad()
+def lokr_weights(adapted: AdaptedModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module name: (w1, w2)}`` with ``w1 ⊗ w2 = ΔW`` in nn.Linear orientation: KronA's row-convention
+    ``s·(A ⊗ B)`` transposed is ``Aᵀ ⊗ s·Bᵀ``."""
+    out = {}
+    for name, proj in adapted.model.named_modules():
+        if isinstance(proj, AdaptedProjection) and proj.branches:
+            (comp,) = proj.branches
+            out[name] = (comp.A.t().contiguous(), (comp.B.t() * comp.scaling).contiguous())
+    return out
+
+
+def _lokr_config(weights, base: nn.Module, heads: list[str] | None):
+    from peft import LoKrConfig
+
+    factor = next(iter(weights.values()))[0].shape[0]
+    r = max(max(w2.shape) for _, w2 in weights.values())  # r ≥ max(w2) / 2: w2 is kept whole, not factored
+    return LoKrConfig(r=r, alpha=r, decompose_factor=factor, decompose_both=False, target_modules=sorted(weights),
+                      rank_dropout=0.0, module_dropout=0.0, init_weights=False, modules_to_save=heads,
+                      task_type=_task_type(base))
 
 
 # ---------------------------------------------------------------- the command

@@ -154,10 +154,10 @@ EXPORTS = [  # (family, method, budget, overrides, peft too)
     ("gpt2", "lora", "small", {}, True),
     ("gpt2", "kernel_mix_qvo", "intermediate", {}, True),
     ("gpt2", "kernel_mix_lite_qv", "small", {}, True),
-    ("gpt2", "krona", "nlu", {"a_shape": [4, 4]}, False),
+    ("gpt2", "krona", "nlu", {"a_shape": [4, 4]}, False),  # fused c_attn: no LoKr
     ("llama", "lora", "small", {}, True),
     ("llama", "kernel_mix_qvo", "intermediate", {}, True),
-    ("llama", "krona", "nlu", {"a_shape": [4, 4]}, False),
+    ("llama", "krona", "nlu", {"a_shape": [4, 4]}, True),  # square A: PEFT LoKr
     ("t5", "lora", "small", {}, True),
 ]
 
@@ -175,14 +175,15 @@ def test_export_gives_kpeft_logits(family, method, budget, overrides, peft, tmp_
     torch.testing.assert_close(output(auto.from_pretrained(tmp_path / "merged").eval(), batch), expected,
                                rtol=1e-5, atol=1e-5)
     if not peft:
-        with pytest.raises(KpeftError, match="not low-rank") as err:
+        with pytest.raises(KpeftError, match="PEFT's LoKr has no GPT-2 fused c_attn") as err:
             export_peft(adapted, tmp_path / "peft")
         assert "\n" not in str(err.value)
         return
     export_peft(adapted, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())
-    assert config["fan_in_fan_out"] == (family == "gpt2")
+    assert config["peft_type"] == ("LOKR" if method == "krona" else "LORA")
+    assert config["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())
+    assert config.get("fan_in_fan_out", False) == (family == "gpt2")
     base = auto.from_pretrained(tmp_path / "peft" / "base").eval()
     loaded = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
     torch.testing.assert_close(output(loaded, batch), expected, rtol=1e-5, atol=1e-5)
@@ -199,6 +200,13 @@ def test_kernel_mix_peft_rank_is_heads_times_r_plus_shared(tmp_path):
     ranks = {m: config["rank_pattern"].get(re.escape(m), config["r"]) for m in config["target_modules"]}
     assert ranks == {f"transformer.h.{i}.attn.{n}": r for i in range(2) for n, r in (("c_attn", qv), ("c_proj", o))}
     assert config["lora_bias"] is True  # GPT-2 has biases: the head-specific β is trained
+
+
+def test_krona_with_a_non_square_factor_is_refused_for_peft(tmp_path):
+    adapted = kpeft.adapt(tiny_model("llama"), method="krona", budget="nlu", a_shape=[4, 8])
+    with pytest.raises(KpeftError, match=r"LoKr's w1 is \(f, f\).*KronA's A is \(4, 8\)") as err:
+        export_peft(adapted, tmp_path)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(("family", "method", "budget", "why"), [
