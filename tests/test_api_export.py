@@ -290,3 +290,23 @@ def test_docs_api_example_runs(tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)```", (DOCS / "api.md").read_text(), re.S).group(1)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/api.md", "exec"), {})
+
+
+@pytest.mark.parametrize(("task", "line", "marker"), [
+    ("webnlg", "Aarhus | country | Denmark ; Aarhus | leader | Jacob_Bundsgaard", "<target_webnlg>"),
+    ("e2e", "name[The Eagle], eatType[coffee shop], food[French]", "<target_e2e>"),
+    ("cnndm", "The cat sat on the mat all day long .", "<target_sm>"),
+    ("coqa", "Anna has a red bike .\tWho has a bike?\tAnna\tWhat colour is it?", "<answer>"),
+])
+def test_generate_input_lines_become_the_tasks_prompts(task, line, marker, assets, make_cfg):
+    from kpeft.backbones.loading import load_tokenizer
+    from kpeft.generate import parse_inputs
+    from kpeft.tasks import task_class
+
+    cfg = make_cfg("model=tiny_gpt2", f"model.tokenizer={assets[0]}", f"task={task}")
+    encoder = task_class(cfg.task)(cfg.task, load_tokenizer(cfg.model))
+    (record,) = parse_inputs(task, [line])
+    ids, types = encoder.prompt(record)
+    assert ids[-1] == types[-1] == encoder.sid(marker) and len(ids) == len(types) > 10
+    with pytest.raises(KpeftError, match=f"^input line 2 is not a {task} input"):
+        parse_inputs(task, [line, "[1, 2" if task == "webnlg" else ("no brackets here" if task == "e2e" else "{bad")])
