@@ -46,6 +46,13 @@ log = logging.getLogger("kpeft.train")
 
 def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     """The adapted backbone, the task, and its encoded splits."""
+    adapted, task = build_model(cfg)
+    splits = task.load_splits()
+    return adapted, task, splits
+
+
+def build_model(cfg: DictConfig) -> tuple[AdaptedModel, Task]:
+    """The adapted backbone and the task encoder (no data read; kpeft.api.load_run uses it too)."""
     cls = task_class(cfg.task)
     tokenizer = load_tokenizer(cfg.model) if cls.needs_tokenizer else None
     task = cls(cfg.task, tokenizer)
@@ -59,8 +66,7 @@ def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
     if hasattr(task, "prepare_model"):  # NLG tasks: special-token embeddings (kpeft/tasks/nlg.py)
         task.prepare_model(adapted, cfg.fidelity)
-    splits = task.load_splits()
-    return adapted, task, splits
+    return adapted, task
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -46,6 +46,25 @@ class AdaptedModel:
         self._uncounted: dict[int, nn.Parameter] = {}
         # Tensors of which only the rows from an offset on train (the NLG task-embedding rows of wte).
         self._rows_from: dict[int, int] = {}
+        # The method config and fidelity it was built from (kpeft.api: save_adapter needs them).
+        self.method_cfg = None
+        self.fidelity = "paper"
+
+    def __call__(self, *args, **kwargs):
+        """Run the adapted transformers model."""
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # generate, config, to, eval ... of the wrapped transformers model
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def save_adapter(self, directory):
+        """The trained tensors and the method config in `directory` (:func:`kpeft.api.save_adapter`)."""
+        from kpeft.api import save_adapter
+
+        return save_adapter(self, directory)
 
     # ------------------------------------------------------------ trainability
     def all_components(self) -> Iterable[Component]:
