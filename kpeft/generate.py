@@ -20,7 +20,7 @@ Batched greedy decoding with the KV cache (:mod:`kpeft.training.decode`).
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -75,16 +75,13 @@ def parse_inputs(task_name: str, lines: list[str]) -> list[dict[str, Any]]:
     return records
 
 
-def generate(run, records: list[dict[str, Any]], batch_size: int | None = None, num_beams: int = 1) -> list[str]:
+def generate(run, records: list[dict[str, Any]], batch_size: int | None = None, num_beams: int | None = None) -> list[str]:
     """The run's generations for task records (as :meth:`NLGTask.generate`)."""
     task = run.task
     if batch_size is None:
         batch_size = int(task.options.get("generation_batch_size") or run.config.train.eval_batch_size)
-    kwargs: dict[str, Any] = {}
-    if num_beams != 1:
-        if "num_beams" not in inspect.signature(task.generate).parameters:
-            raise KpeftError(f"--num-beams {num_beams}: kpeft's decoder has greedy search only; use --num-beams 1")
-        kwargs["num_beams"] = num_beams
+    if num_beams is not None and num_beams != task.decoding.num_beams:  # --num-beams over the run's own decode settings
+        task.decoding = dataclasses.replace(task.decoding, num_beams=num_beams)
     for n, record in enumerate(records, 1):
         try:
             prompt = task.prompt(record)
@@ -92,7 +89,7 @@ def generate(run, records: list[dict[str, Any]], batch_size: int | None = None, 
             raise KpeftError(f"input {n} lacks field {err} of a {task.name} record") from None
         if prompt is None:
             raise KpeftError(f"input {n} is too short for task {task.name} (the run's encoding drops it)")
-    return task.generate(run.model.model, records, batch_size, **kwargs)
+    return task.generate(run.model.model, records, batch_size)
 
 
 def _read_lines(source: str) -> list[str]:
@@ -105,7 +102,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
 
     if (args.input is None) == (args.split is None):
         raise KpeftError("give exactly one of --input FILE|- (new inputs) or --split NAME (the run's own data)")
-    if args.num_beams < 1:
+    if args.num_beams is not None and args.num_beams < 1:
         raise KpeftError(f"--num-beams must be >= 1, not {args.num_beams}")
     if args.input not in (None, "-") and not Path(args.input).is_file():
         raise KpeftError(f"--input '{args.input}' does not exist")
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write here instead of standard output")
     parser.add_argument("--json", action="store_true", help="JSON lines: the input (or item id) and the prediction")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts decoded together (default: the run's)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam width (1 = greedy)")
+    parser.add_argument("--num-beams", type=int, default=None, help="beam width (1 = greedy; default: the run's decode.num_beams)")
     args = parser.parse_args(argv)
     lines = run_generate(args)
     text = "".join(line + "\n" for line in lines)

@@ -243,11 +243,25 @@ def test_generate_reproduces_the_runs_evaluation(model, nlg_run, tmp_path):
 def test_generate_refusals_are_one_line(nlg_run, tmp_path):
     run_dir = nlg_run("tiny_gpt2", "kernel_mix_qvo")
     (tmp_path / "bad.txt").write_text("Alan_Bean occupation Test_pilot\n")
-    for args, msg in (((run_dir, "--split", "test", "--num-beams", "2"), "greedy search only"),
+    for args, msg in (((run_dir, "--split", "test", "--num-beams", "0"), "--num-beams must be >= 1"),
                       ((run_dir, "--input", tmp_path / "bad.txt"), "input line 1 is not a webnlg input"),
                       ((tmp_path, "--split", "test"), "is not a kpeft run directory")):
         out = cli("kpeft.generate", *args)
         assert out.returncode == 2 and msg in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_generate_with_beams_equals_the_beam_decoder(nlg_run, tmp_path):
+    """``--num-beams 3`` decodes the run's test split with kpeft's beam search (docs/decoding.md)."""
+    from kpeft.generate import generate
+
+    run_dir = nlg_run("tiny_gpt2", "kernel_mix_qvo")
+    out = cli("kpeft.generate", run_dir, "--split", "test", "--num-beams", "3", "--out", tmp_path / "beam.txt")
+    assert out.returncode == 0, out.stderr
+    run = kpeft.load_run(run_dir)
+    records = run.task._cap(run.task.generation_records("test"), "test")
+    expected = generate(run, records, num_beams=3)
+    assert run.task.decoding.num_beams == 3
+    assert (tmp_path / "beam.txt").read_text().splitlines() == [" ".join(p.splitlines()) for p in expected]
 
 
 @pytest.mark.parametrize(("model", "method"), [("tiny_gpt2", "kernel_mix_qvo"), ("tiny_llama", "lora")])

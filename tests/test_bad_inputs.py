@@ -7,8 +7,6 @@ gets its own folder (a copy of that run, damaged files, data files) prepared bef
 runs. The checkpoint and model-folder cases run as real ``python -m kpeft.train`` subprocesses;
 the others run as forked children of one interpreter that imported the CLIs once
 (``tests/cli_forks.py``), which saves the interpreter start and the torch import per case.
-Cases that another branch fixes (train-setting ranges, run identity) are ``xfail`` with reason
-``wt-runid``.
 """
 
 from __future__ import annotations
@@ -126,7 +124,6 @@ class Case:
 
 
 PKG = [needs_package(MINILM)]  # tiny_bert's tokenizer, minilm_l6's weights
-XFAIL = pytest.mark.xfail(strict=False, reason="wt-runid")
 ROOT_WRITES_ANYWHERE = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                                           reason="root writes into read-only folders")
 CASES = [
@@ -184,15 +181,14 @@ CASES = [
          ["model=tiny_bert", "method=lora", "budget=tiny", "task=glue_sst2", "task.data_dir={case}/sst2",
           "train.progress=false", "output_root=runs"], "columns",
          files(**glue_sst2(dev="sentence\tlabel\nonly one column\n")), marks=PKG),
-    # ... that wt-runid fixes
-    Case("batch-size-zero", "train", [*TINY, "train.batch_size=0"], "batch_size", marks=[XFAIL]),
-    Case("epochs-zero", "train", [*TINY, "train.epochs=0"], "epochs", marks=[XFAIL]),
-    Case("grad-accum-zero", "train", [*TINY, "train.grad_accum=0"], "grad_accum", marks=[XFAIL]),
-    Case("lr-negative", "train", [*TINY, "train.lr=-0.1"], "lr", marks=[XFAIL]),
-    Case("cfg-job-with-bad-setting", "train", ["--cfg", "job", *TINY, "train.batch_size=0"], "batch_size",
-         marks=[XFAIL]),
+    # train settings out of range, and a run directory that holds another config (kpeft/validate.py, runid.py)
+    Case("batch-size-zero", "train", [*TINY, "train.batch_size=0"], "batch_size"),
+    Case("epochs-zero", "train", [*TINY, "train.epochs=0"], "epochs"),
+    Case("grad-accum-zero", "train", [*TINY, "train.grad_accum=0"], "grad_accum"),
+    Case("lr-negative", "train", [*TINY, "train.lr=-0.1"], "lr"),
+    Case("cfg-job-with-bad-setting", "train", ["--cfg", "job", *TINY, "train.batch_size=0"], "batch_size"),
     Case("changed-config-in-existing-run-dir", "train", [*TINY, "train.lr=0.5", f"run_dir={RUN}"], "config",
-         finished_copy, marks=[XFAIL]),
+         finished_copy),
     # data files and predictions (kpeft.score)
     Case("score-webnlg-xml-broken", "score",
          ["task=webnlg", "task.data_dir={case}/webnlg", "predictions={case}/p.txt"], "is not valid XML",
