@@ -39,7 +39,7 @@ from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.records import is_complete, provenance, read_record, write_record
 from kpeft.tasks import Task, task_class
-from kpeft.training.loop import Trainer, make_accelerator
+from kpeft.training.loop import LoopState, Trainer, make_accelerator
 
 log = logging.getLogger("kpeft.train")
 
@@ -84,6 +84,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
     cfg = apply_method_train(cfg)
+    if cfg.method.name == "zero_shot" and not cfg.train.eval_only:
+        raise KpeftError("method=zero_shot trains nothing: add train.eval_only=true (or pick a method to train)")
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.train.deterministic)
     accelerator = make_accelerator(cfg.train)
@@ -98,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if cfg.train.eval_before_training:
         metrics["untrained"] = trainer.evaluate(cfg.split)
-    state = trainer.fit()
+    state = LoopState() if cfg.train.eval_only else trainer.fit()
     trainer.load_best()
     metrics[cfg.split] = trainer.evaluate(cfg.split, save_examples=True)
     metrics["validation_loss"] = _finite(state.best_val_loss)
