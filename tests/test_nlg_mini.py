@@ -142,6 +142,6 @@ def test_nlg_mini_preset_end_to_end_on_a_tiny_llama(tmp_path, webnlg_dir, byte_t
     assert scored["bleu"]["all"] == pytest.approx(test["bleu_all"])
     assert scored["ter"]["unseen"] == pytest.approx(test["ter_unseen"])
     table = subprocess.run([sys.executable, "-m", "kpeft.tables", "experiment=nlg_mini", f"output_root={tmp_path}",
-                            "model=tiny_llama"], capture_output=True, text=True, timeout=300)
+                            "model=tiny_llama", "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr[-2000:]
     assert "Zero-shot" in table.stdout and "LoRA-8" in table.stdout
