@@ -26,7 +26,7 @@ TABLES := km-table1 km-table2 km-table3 it-table1 it-table2 it-table3 krona-tabl
 RUN ?=
 TABLE_ARGS ?=
 
-.PHONY: help install lock check-env test-latest demo test test-slow test-all lint count bench clean params-table nlu-mini krona-table2 $(TABLES)
+.PHONY: help install lock check-env test-latest demo test test-slow test-all lint count bench clean params-table nlu-mini nlg-mini krona-table2 $(TABLES)
 
 help:
 	@echo "make demo       create .venv, install, run the offline demo (~2 min on 2 cores)"
@@ -43,6 +43,7 @@ help:
 	@echo "make params-table   every parameter row of the papers next to our count (results/tables/params.md)"
 	@echo "make km-table1      rebuild a paper table from its records; RUN=1 first runs the missing runs"
 	@echo "                    (also km-table2/3, it-table1/2/3, krona-table1/2, lora-e2e, prefix-table, nlu-mini, table-smoke)"
+	@echo "make nlg-mini [RUN=1 WEBNLG=DIR]   SmolLM2-135M on WebNLG 2017 (docs/nlg_mini.md)"
 
 $(STAMP): pyproject.toml $(LOCK) $(MODELS_LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -134,6 +135,17 @@ ifneq ($(RUN),)
 	-$(BIN)/python -m kpeft.train -m experiment=nlu_mini $(ARGS)
 endif
 	$(BIN)/python -m kpeft.tables experiment=nlu_mini $(TABLE_ARGS)
+
+# nlg_mini: SmolLM2-135M on WebNLG 2017 (docs/nlg_mini.md); WEBNLG = the challenge files' folder.
+WEBNLG ?=
+nlg-mini: install
+ifneq ($(RUN),)
+ifeq ($(WEBNLG),)
+	@echo "make nlg-mini RUN=1 needs WEBNLG=DIR, the WebNLG 2017 challenge files (train/ dev/ test/; docs/nlg_mini.md)" >&2; exit 2
+endif
+	-$(BIN)/python -m kpeft.train -m experiment=nlg_mini task.data_dir=$(WEBNLG) $(ARGS)
+endif
+	$(BIN)/python -m kpeft.tables experiment=nlg_mini $(TABLE_ARGS)
 
 # KronA Table 2 is a table of `python -m kpeft.bench` (latency and training time, FT = 100).
 KRONA_BENCH_METHODS := finetune,lora,adapter,parallel_adapter,compacter,krona,krona_b,krona_b_res

@@ -530,6 +530,7 @@ class TrainConfig:
     early_stopping_patience: int = 5  # epochs without a better validation loss; 0 = off
     checkpoint_every_steps: int = 200  # resumable checkpoints (always at epoch ends too)
     eval_before_training: bool = False  # also score the untrained model (demo)
+    eval_only: bool = False  # no training: evaluate the model as loaded (method=zero_shot rows)
     eval_batch_size: int = 64
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, none on CPU) | no | bf16 | fp16
     num_workers: int = 0

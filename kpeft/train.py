@@ -38,7 +38,7 @@ from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
 from kpeft.tasks.lengths import max_positions
 from kpeft.training.beam import DecodeSettings
-from kpeft.training.loop import Trainer, make_accelerator
+from kpeft.training.loop import LoopState, Trainer, make_accelerator
 from kpeft.validate import check_config
 
 log = logging.getLogger("kpeft.train")
@@ -123,6 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_unknown_keys(cfg)
     check_method_fits_budget(cfg)
     check_config(cfg)
+    if cfg.method.name == "zero_shot" and not cfg.train.eval_only:
+        raise KpeftError("method=zero_shot trains nothing: add train.eval_only=true (or pick a method to train)")
     accelerator = make_accelerator(cfg.train)
     lock = _hold(run_dir, accelerator)
     try:
@@ -155,10 +157,13 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if cfg.train.eval_before_training:
         metrics["untrained"] = trainer.evaluate(cfg.split)
-    state = trainer.fit()
-    if state.global_step < 1:
-        raise KpeftError(f"the run trained 0 optimizer steps ({len(splits['train'])} training examples, "
-                         f"train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); no record written")
+    if cfg.train.eval_only:  # e.g. the zero-shot row of nlg_mini: the untrained model evaluated
+        state = LoopState()
+    else:
+        state = trainer.fit()
+        if state.global_step < 1:
+            raise KpeftError(f"the run trained 0 optimizer steps ({len(splits['train'])} training examples, "
+                             f"train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}); no record written")
     trainer.load_best()
     metrics[cfg.split] = trainer.evaluate(cfg.split, save_examples=True)
     metrics["validation_loss"] = _finite(state.best_val_loss)

@@ -57,7 +57,7 @@ def test_every_method_yaml_composes(name):
     cfg = compose([f"method={name}", f"budget={budget}"])
     assert OmegaConf.get_type(cfg.method) is MethodConfig
     assert cfg.method.name == name
-    assert cfg.method.components, "a method has at least one component"
+    assert cfg.method.components or name == "zero_shot", "a method (but zero_shot) has at least one component"
     for comp_name, comp in cfg.method.components.items():
         assert comp.kind, f"components.{comp_name} has no kind"
 

@@ -167,7 +167,7 @@ def run(opts: Options) -> dict:
 
 
 def _measure(opts: Options, device: torch.device, clock: Clock) -> dict:
-    methods = list(opts.methods) or available("method")
+    methods = list(opts.methods) or [m for m in available("method") if m != "zero_shot"]  # zero_shot: nothing to time
     base = load_backbone(opts.model, device, opts.seed)
     vocab, d = base.config.vocab_size, base.config.hidden_size
     batch = measure.lm_batch(vocab, opts.batch, opts.seq_len, opts.target_frac, device, opts.seed)

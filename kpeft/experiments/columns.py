@@ -15,8 +15,8 @@ def _webnlg() -> list[Column]:
                                          ("ter", "TER", True, 2)):
         for subset, s in (("seen", "S"), ("unseen", "U"), ("all", "A")):
             per_example = "sentence_bleu" if metric == "bleu" else None
-            cols.append(Column(f"{metric}_{subset}", f"{label}-{s}", lower, digits, per_example,
-                               None if subset == "all" else subset))
+            cols.append(Column(f"{metric}_{subset}", f"{label}-{s}", lower, digits, example_score=per_example,
+                               example_subset=None if subset == "all" else subset))
     return cols
 
 

@@ -26,7 +26,8 @@ Shared by :class:`~kpeft.tasks.webnlg.WebNLG`, :class:`~kpeft.tasks.coqa.CoQA` a
   ``decode.max_new_tokens`` (default: ``task.options.max_new_tokens``, 40), ``task.options.generation_batch_size``
   prompts at a time (default ``train.eval_batch_size``), each process decoding every world-th
   item; the task's official scorer on the main process; the predictions and per-example scores
-  in ``<run_dir>/generations/<split>.jsonl``.
+  in ``<run_dir>/generations/<split>.jsonl``. ``task.options.max_eval_examples`` caps both the
+  generations and the loss examples of validation/test; ``max_loss_examples`` the latter only.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ class NLGTask(BenchmarkTask):
         for split in ("train", "validation", "test"):
             key = "max_train_examples" if split == "train" else "max_eval_examples"
             cap = self.options.get(key)
+            if split != "train" and self.options.get("max_loss_examples") is not None:
+                cap = self.options.get("max_loss_examples")  # the loss only; generation keeps max_eval_examples
             out[split] = []
             self._cut = 0
             for record in self.loss_records(split):  # encode lazily: a cap avoids tokenising it all

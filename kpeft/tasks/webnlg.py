@@ -20,16 +20,23 @@ Records:
   ``{"id", "eid", "category", "subset", "triples", "target"}``;
 * ``records("test")`` = the test entries, one per line of a predictions file, in official XML order.
 
-``python -m kpeft.score task=webnlg predictions=FILE``: one output line per test entry; BLEU,
+Options ``dev_into_train`` (a fraction of every (category, size) stratum of dev moves to train) and
+``test_subset`` (a stratified sample of the test entries) select entries deterministically
+(:func:`select_entries`; ``conf/experiment/nlg_mini.yaml`` uses both).
+
+``python -m kpeft.score task=webnlg predictions=FILE``: one output line per test entry (or a run's
+``generations/test.jsonl``); BLEU,
 METEOR, TER on SEEN / UNSEEN / ALL (:mod:`kpeft.metrics.webnlg`; ``task.options.meteor``:
 ``jar`` | ``approx`` | ``off``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +149,52 @@ def training_examples(entries: list[Record]) -> list[Record]:
     return out
 
 
+def _hash_order(entry: Record) -> str:
+    return hashlib.sha1(f"{entry['category']}|{entry['size']}|{entry['eid']}".encode()).hexdigest()
+
+
+def stratified_pick(entries: list[Record], quota: float | int, stratum: Callable[[Record], Any]) -> set[str]:
+    """The ids of a deterministic stratified sample of `entries` (a pure function of their
+    category, size and eid). `quota` < 1 is a fraction, ≥ 1 a count; each stratum gets its
+    proportional share (largest remainder, so shares sum to the count) and gives its entries in
+    the order of ``sha1("category|size|eid")``."""
+    groups: dict[Any, list[Record]] = {}
+    for e in entries:
+        groups.setdefault(stratum(e), []).append(e)
+    total = float(quota) * len(entries) if float(quota) < 1 else min(int(quota), len(entries))
+    exact = {k: total * len(v) / len(entries) for k, v in groups.items()}
+    share = {k: int(x) for k, x in exact.items()}
+    left = round(total) - sum(share.values())
+    for k in sorted(exact, key=lambda k: (share[k] - exact[k], str(k)))[: max(left, 0)]:
+        share[k] += 1
+    return {e["id"] for k, v in groups.items() for e in sorted(v, key=_hash_order)[: share[k]]}
+
+
+def select_entries(official: Callable[[str], list[Record]], split: str, options: Any) -> list[Record]:
+    """`split`'s entries after two options (official order kept):
+
+    * ``dev_into_train`` (fraction in (0, 1)): that share of every (category, size) stratum of
+      dev moves to train (e.g. so that a 1–2-triple training set sees 3–7-triple inputs);
+      validation keeps the rest;
+    * ``test_subset`` (count): a stratified sample of the test set by (seen/unseen, size)."""
+    moved, subset = options.get("dev_into_train"), options.get("test_subset")
+    if moved and split in ("train", "validation"):
+        if not 0 < float(moved) < 1:
+            raise KpeftError(f"task.options.dev_into_train={moved} must be a fraction in (0, 1), e.g. 0.5")
+        dev = official("validation")
+        picked = stratified_pick(dev, float(moved), lambda e: (e["category"], e["size"]))
+        if split == "train":
+            return official("train") + [e for e in dev if e["id"] in picked]
+        return [e for e in dev if e["id"] not in picked]
+    if subset and split == "test":
+        if int(subset) < 1:
+            raise KpeftError(f"task.options.test_subset={subset} must be a number of entries (>= 1), or null")
+        test = official("test")
+        picked = stratified_pick(test, int(subset), lambda e: (e["subset"], e["size"]))
+        return [e for e in test if e["id"] in picked]
+    return official(split)
+
+
 class WebNLG(NLGTask):
     """WebNLG 2017 challenge data, its GPT-2 encoding (:mod:`kpeft.tasks.nlg`) and official scorer."""
 
@@ -155,9 +208,16 @@ class WebNLG(NLGTask):
     hub_splits = {"train": "train", "validation": "dev", "test": "test"}
 
     def entries(self, split: str) -> list[Record]:
-        """One record per entry (all lexicalisations), in official order."""
+        """One record per entry (all lexicalisations), in official order, after the selection options
+        (:func:`select_entries`: ``dev_into_train``, ``test_subset``)."""
         split = canonical_split(split)
         key = f"entries/{split}"
+        if key not in self._records:
+            self._records[key] = select_entries(self._official_entries, split, self.options)
+        return self._records[key]
+
+    def _official_entries(self, split: str) -> list[Record]:
+        key = f"official/{split}"
         if key not in self._records:
             self._records[key] = self._file_entries(split) if self.cfg.data_dir else self._hub_entries(split)
         return self._records[key]
@@ -180,6 +240,16 @@ class WebNLG(NLGTask):
         return self.entries(split) if split == "test" else training_examples(self.entries(split))
 
     hub_records = file_records
+
+    def read_predictions(self, path: str | Path) -> list[str]:
+        """One output per line, or a run's ``generations/<split>.jsonl`` (its ``prediction`` fields)."""
+        lines = super().read_predictions(path)
+        if str(path).endswith(".jsonl"):
+            try:
+                return [json.loads(line)["prediction"] for line in lines if line.strip()]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise KpeftError(f"'{path}' is not a generations file (JSON lines with 'prediction'): {err!r}") from None
+        return lines
 
     def score(self, predictions: list[str], split: str = "test") -> dict[str, Any]:
         entries = self.entries(split)
