@@ -205,13 +205,18 @@ def write_failure(cfg: DictConfig, err: BaseException) -> Path | None:
     if not PartialState().is_main_process or is_complete(run_dir):
         return None
     tail = "".join(traceback.format_exception(err)).splitlines()[-30:]
-    record = {
-        "status": "failed", "schema": 1, "run_dir": str(run_dir), "experiment": cfg.experiment,
+    return write_record(run_dir, failed_record(cfg, f"{type(err).__name__}: {err}", tail))
+
+
+def failed_record(cfg: DictConfig, error: str, tail: list[str]) -> dict[str, Any]:
+    """The ``status: failed`` record of `cfg`'s run (also written by the kpeft sweeper for a job whose
+    process died without writing one, hydra_plugins/kpeft_sweeper)."""
+    return {
+        "status": "failed", "schema": 1, "run_dir": str(cfg.run_dir), "experiment": cfg.experiment,
         "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
-        "budget": cfg.budget.name, "seed": cfg.seed, "error": f"{type(err).__name__}: {err}",
+        "budget": cfg.budget.name, "seed": cfg.seed, "error": error,
         "traceback": tail, "config": _container(cfg), **provenance(),
     }
-    return write_record(run_dir, record)
 
 
 def _container(cfg: DictConfig) -> dict[str, Any]:
@@ -229,10 +234,12 @@ def _in_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    """One job. In a sweep (``-m``) a failing run writes a failed record and the sweep goes on;
-    a single run exits non-zero (a KpeftError in one line)."""
+def job(cfg: DictConfig) -> float | None:
+    """One job (Hydra's task function). In a sweep (``-m``) a failing run writes a failed record and
+    the sweep goes on; a single run exits non-zero (a KpeftError in one line). Launchers that run jobs
+    in other processes (joblib, submitit) pickle it by reference, ``kpeft.train.job``: importing that
+    module in the worker installs kpeft's composition step (kpeft/compose_hook.py) before the worker
+    composes its job's config (docs/cluster.md)."""
     sweeping = _in_multirun()
     try:
         record = run(cfg)
@@ -250,6 +257,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         write_failure(cfg, err)
         return None
     return record.get("score")
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(job)
 
 
 def precheck(argv: list[str]) -> None:
@@ -275,4 +285,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m kpeft.train` runs this file as `__main__`; run the importable module's app instead, so
+    # that its task function is `kpeft.train.job` in every process (pickled by name, not by value).
+    from kpeft.train import main as _main
+
+    _main()
