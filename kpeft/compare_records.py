@@ -31,7 +31,8 @@ def default_tolerance(recorded: dict[str, Any], now: dict[str, Any]) -> Toleranc
     """Exact when both runs ran on CPU with ``train.deterministic``; else :data:`GPU_REL` relative
     (GPU kernels differ between GPU models and library versions even in deterministic mode)."""
     cpu = not (recorded.get("hardware") or {}).get("cuda") and not (now.get("hardware") or {}).get("cuda")
-    deterministic = all(((r.get("config") or {}).get("train") or {}).get("deterministic") for r in (recorded, now))
+    deterministic = all(((r.get("config") or {}).get("train") or {}).get("deterministic")
+                        for r in (recorded, now))
     return Tolerance() if cpu and deterministic else Tolerance(EXACT, GPU_REL)
 
 
@@ -86,7 +87,8 @@ class Provenance:
 
     def lines(self) -> list[str]:
         return [f"{what}: {line}" for what, items in
-                (("code", self.code), ("environment", self.environment), ("data", self.data), ("config", self.config))
+                (("code", self.code), ("environment", self.environment), ("data", self.data),
+                 ("config", self.config))
                 for line in items]
 
 
@@ -96,7 +98,8 @@ def _code(git: dict[str, Any]) -> str:
         return f"unknown ({git.get('reason', 'no commit recorded')})"
     dirty = ""
     if git.get("dirty"):
-        dirty = f"+dirty(diff {git['diff_sha256'][:12]})" if git.get("diff_sha256") else "+dirty(diff not recorded)"
+        diff = git.get("diff_sha256")
+        dirty = f"+dirty(diff {diff[:12]})" if diff else "+dirty(diff not recorded)"
     return commit[:12] + dirty
 
 
@@ -130,13 +133,17 @@ def compare_provenance(recorded: dict[str, Any], now: dict[str, Any]) -> Provena
     for key in ("cuda", "gpus", "processor", "torch_threads"):
         if ha.get(key) != hb.get(key):
             out.environment.append(f"hardware {key} {ha.get(key)} → {hb.get(key)}")
+    wa, wb = ((r.get("training") or {}).get("world_size", 1) for r in (recorded, now))
+    if wa != wb:
+        out.environment.append(f"processes (world_size) {wa} → {wb} (reproduce re-runs in one process)")
     fa, fb = _data_files(recorded), _data_files(now)
     if fa is None:
         out.data.append("the record lists no data files (made before records carried them)")
     elif fb is not None:
         for name in sorted(set(fa) | set(fb)):
             if fa.get(name) != fb.get(name):
-                out.data.append(f"{name} sha256 {(fa.get(name) or 'not read')[:12]} → {(fb.get(name) or 'not read')[:12]}")
+                was, is_ = (fa.get(name) or "not read")[:12], (fb.get(name) or "not read")[:12]
+                out.data.append(f"{name} sha256 {was} → {is_}")
     sa, sb = semantic(recorded.get("config") or {}), semantic(now.get("config") or {})
     new = sorted(set(sb) - set(sa))
     if new:
@@ -157,5 +164,6 @@ def verdict(rows: list[MetricRow], prov: Provenance) -> str:
     if prov.data:
         return "NOT reproduced: the data differ (" + prov.data[0] + ")"
     if prov.environment or prov.config:
-        return "NOT reproduced: the environment or config differs (" + (prov.environment + prov.config)[0] + ")"
+        first = (prov.environment + prov.config)[0]
+        return "NOT reproduced: the environment or config differs (" + first + ")"
     return "NOT reproduced with the same code, environment and data: the run is not deterministic here"

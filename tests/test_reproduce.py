@@ -87,6 +87,40 @@ def test_changed_code_is_named_when_metrics_differ(rerun, tmp_path, capsys):
     assert "the code has changed since this record was made" in printed
     assert "code: commit 000000000000+dirty(diff not recorded) → " in printed
     assert "environment: lock ffffffffffff → " in printed
+    summary = json.loads(printed.splitlines()[-1])
+    assert summary["code_changed"] is True and set(summary["differs"]) == {"metrics.validation_loss"}
+    assert summary["differs"]["metrics.validation_loss"]["diff"] == pytest.approx(-1e-6, abs=1e-12)
+
+
+def test_a_record_in_the_nlu_mini_layout(rerun, tmp_path, capsys):
+    """A record laid out as results/runs/nlu_mini/<task>/<model>/<method>-<budget>/seed1 (no hash
+    suffix, relative output_root) in schema 1 (no lock, data files or diff), whose data were read
+    from a folder that is not on this machine: one line naming the fix, then reproduced."""
+    out, _ = rerun
+    relative = Path("nlu_mini/glue_sst2/tiny_bert/lora-tiny/seed1")
+    run_dir = tmp_path / "results/runs" / relative
+    shutil.copytree(FIXTURE, run_dir)
+    rec = read_record(run_dir)
+    del rec["lock"], rec["data"]
+    rec.update(schema=1, experiment="nlu_mini", git={"commit": "2cfcd8ca75bf" + "0" * 28, "dirty": True})
+    rec["config"].update(experiment="nlu_mini", output_root="results/runs", run_dir=f"results/runs/{relative}")
+    rec["config"]["task"]["data_dir"] = "/elsewhere/glue/SST-2"
+    (run_dir / "record.json").write_text(json.dumps(rec))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(run_dir), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1
+    assert err[0] == ("kpeft: error: the record read its data from '/elsewhere/glue/SST-2', which is not on this "
+                      "machine; pass task.data_dir=DIR, a folder holding the same files")
+    data = REPO_ROOT / "tests/fixtures/glue/SST-2"
+    summary = main([str(run_dir / "record.json"), f"task.data_dir={data}", "--out", str(out)])
+    assert summary["reproduced"] is True and summary["differs"] == {}
+    assert summary["run_dir"] == str(run_dir) and summary["rerun_dir"] == str(out / relative)
+    assert summary["code_changed"] is True
+    assert summary["provenance"][0].startswith("code: commit 2cfcd8ca75bf+dirty(diff not recorded) → ")
+    assert "data: the record lists no data files (made before records carried them)" in summary["provenance"]
+    assert any(line.startswith("environment: lock not recorded → ") for line in summary["provenance"])
+    assert read_record(out / relative)["data"]["files"][0]["sha256"] == read_record(FIXTURE)["data"]["files"][0]["sha256"]
 
 
 def test_new_records_carry_what_reproduction_needs(rerun):
@@ -94,10 +128,8 @@ def test_new_records_carry_what_reproduction_needs(rerun):
     rec = read_record(summary["rerun_dir"])
     assert rec["schema"] == 2
     assert rec["git"]["commit"] == git("rev-parse", "HEAD").strip()
-    assert rec["git"]["dirty"] == bool(git("status", "--porcelain", "--untracked-files=no").strip())
-    if rec["git"]["dirty"]:
-        diff = git("diff", "HEAD", "--no-color", "--no-ext-diff").encode()
-        assert rec["git"]["diff_sha256"] == hashlib.sha256(diff).hexdigest()
+    if git("status", "--porcelain", "--untracked-files=no").strip():
+        assert rec["git"]["dirty"] is True and len(rec["git"]["diff_sha256"]) == 64
     assert rec["lock"] == {"file": "requirements/cpu.lock", "sha256": sha256(REPO_ROOT / "requirements/cpu.lock")}
     assert {"torch", "transformers", "peft", "accelerate", "datasets", "numpy", "hydra-core", "tokenizers"} <= set(
         rec["versions"])
@@ -111,6 +143,32 @@ def test_new_records_carry_what_reproduction_needs(rerun):
     assert read_record(FIXTURE)["data"]["files"][0]["sha256"] == rec["data"]["files"][0]["sha256"]
 
 
+def test_git_state_hashes_the_diff_and_new_code_files(tmp_path):
+    def run(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    run("init", "-q")
+    (tmp_path / "kpeft").mkdir()
+    (tmp_path / "kpeft" / "a.py").write_text("x = 1\n")
+    run("add", ".")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    clean = git_state(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["dirty"] is False and "diff" not in clean
+    (tmp_path / "kpeft" / "a.py").write_text("x = 2\n")
+    (tmp_path / "kpeft" / "b.py").write_text("y = 3\n")  # untracked code: part of what ran
+    (tmp_path / "notes.txt").write_text("not code")  # untracked elsewhere: not
+    state = git_state(tmp_path)
+    tracked = subprocess.run(["git", "diff", "HEAD", "--no-color", "--no-ext-diff"], cwd=tmp_path,
+                             capture_output=True, check=True).stdout
+    text = tracked + b"untracked file kpeft/b.py\ny = 3\n"
+    assert state["commit"] == clean["commit"] and state["dirty"] is True
+    assert state["untracked"] == ["kpeft/b.py"] and "-x = 1" in state["diff"] and "+x = 2" in state["diff"]
+    assert state["diff"].encode() == text and state["diff_sha256"] == hashlib.sha256(text).hexdigest()
+    (tmp_path / "kpeft" / "b.py").write_text("y" * 300_000)
+    big = git_state(tmp_path)
+    assert big["diff"] is None and len(big["diff_sha256"]) == 64  # over the cap: the hash only
+
+
 def test_provenance_outside_a_git_checkout(tmp_path):
     state = git_state(tmp_path)
     assert state["commit"] is None and state["dirty"] is None and "not a git checkout" in state["reason"]
@@ -118,7 +176,10 @@ def test_provenance_outside_a_git_checkout(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
+    ([], "the following arguments are required: run_dir (see"),
     (["/nonexistent/run"], "does not exist"),
+    ([str(FIXTURE / "overrides.txt")], "is a file; pass the run directory that holds a record.json"),
+    ([str(FIXTURE.parent)], "has no readable record.json"),
     ([str(FIXTURE), "seed=2"], "'seed' changes what the run computes"),
     ([str(FIXTURE), "task.data_dir"], "is not KEY=VALUE"),
     ([str(FIXTURE), "--out", str(FIXTURE / "x")], "inside the run directory"),
