@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kpeft import datafiles
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
 from kpeft.compose import check_choices, check_method_fits_budget, check_unknown_keys, compose
@@ -32,7 +33,7 @@ from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.paths import check_writable_dir
-from kpeft.records import is_complete, provenance, read_record, write_record
+from kpeft.records import SCHEMA_VERSION, is_complete, provenance, read_record, write_record
 from kpeft.runid import difference, semantic, write_overrides
 from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
@@ -146,6 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.train.deterministic)
+    datafiles.reset()  # the record lists the data files this run reads (kpeft/datafiles.py)
     adapted, task, splits = build(cfg)
     adapted.model.to(accelerator.device)
     counts = adapted.count()
@@ -169,7 +171,7 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     metrics["validation_loss"] = _finite(state.best_val_loss)
     record = {
         "status": "complete",
-        "schema": 1,
+        "schema": SCHEMA_VERSION,
         "run_dir": str(run_dir),
         "experiment": cfg.experiment,
         "task": cfg.task.name,
@@ -212,7 +214,7 @@ def failed_record(cfg: DictConfig, error: str, tail: list[str]) -> dict[str, Any
     """The ``status: failed`` record of `cfg`'s run (also written by the kpeft sweeper for a job whose
     process died without writing one, hydra_plugins/kpeft_sweeper)."""
     return {
-        "status": "failed", "schema": 1, "run_dir": str(cfg.run_dir), "experiment": cfg.experiment,
+        "status": "failed", "schema": SCHEMA_VERSION, "run_dir": str(cfg.run_dir), "experiment": cfg.experiment,
         "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
         "budget": cfg.budget.name, "seed": cfg.seed, "error": error,
         "traceback": tail, "config": _container(cfg), **provenance(),
