@@ -141,6 +141,9 @@ def budgets_sizing(section: str) -> list[str]:
 
 def check_method_fits_budget(cfg: DictConfig) -> None:
     """Resolve the method's sizes; a budget that does not size the method is an error."""
+    if cfg.budget.get("name") == "match" and cfg.budget.get("target") is None:
+        raise KpeftError("budget=match needs a target: add budget.target=<count> or budget.target=<pct>% "
+                         "(e.g. budget.target=0.34%)")
     try:
         OmegaConf.to_container(cfg.method, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:

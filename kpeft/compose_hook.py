@@ -57,6 +57,10 @@ def _with_tables(cfg: DictConfig, overrides: list[Override]) -> DictConfig:
 
     cfg = apply_method_train(cfg)
     _reapply(cfg, overrides)
+    if cfg.budget.get("name") == "match" and cfg.budget.get("target") is not None:
+        from kpeft.budget_match import solve  # counts on the meta device: only for budget=match
+
+        cfg = solve(cfg)
     return cfg
 
 

@@ -457,6 +457,8 @@ class BudgetConfig:
     name: str = MISSING
     description: str = ""
     paper_pct: float | None = None  # the percentage the papers print for this budget
+    target: Any = None  # budget=match: a count or "<pct>%" to solve the sizes for (kpeft/budget_match.py)
+    achieved: int | None = None  # budget=match: the solved sizes' count
     lora: LoRASize = field(default_factory=LoRASize)
     # ---- Kernel-wise / Kernel-mix sizes ----
     # Kernel-mix Table B.5, one section per method; a budget without the section cannot meet it.
