@@ -7,7 +7,7 @@ one JSON object:
   METEOR and TER fractions; one output line per test entry, in the official XML order);
 * ``e2e`` — ``{"bleu", "nist", "meteor", "rouge_l", "cider"}`` (the challenge's e2e-metrics; one
   output line per unique test MR, in first-appearance order);
-* ``coqa`` — ``{"em", "f1", "turns", "in_domain": {…}, "out_domain": {…}, "domains": {…}}``
+* ``coqa`` — ``{"em", "f1", "turns", "missing", "in_domain": {…}, "out_domain": {…}, "domains": {…}}``
   (the official JSON list ``[{"id", "turn_id", "answer"}]``);
 * ``cnndm`` — ``{"rouge1", "rouge2", "rougeL", "rougeLsum", "rouge2_vglm"}`` (one summary per line);
 * ``glue_<t>`` — the task's metrics, e.g. ``{"mcc"}``, ``{"f1", "accuracy"}``, ``{"mnli_m",

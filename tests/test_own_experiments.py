@@ -210,10 +210,8 @@ def test_select_by_a_generation_metric_then_evaluate_only(tmp_path, cnndm_dir):
     run_dir, rec = path.parent, read_record(path)
     training = rec["training"]
     assert (training["selected_by"], training["select_mode"]) == ("rougeL", "max")
-    rows = [ln.split(",") for ln in (run_dir / "metrics.csv").read_text().splitlines()]
-    head = rows[0]
-    vals = [(int(r[head.index("step")]), float(r[head.index("val/rougeL")])) for r in rows[1:]
-            if r[head.index("val/rougeL")] not in ("", "nan")]
+    rows = [ln.split(",") for ln in (run_dir / "metrics.csv").read_text().splitlines()[1:]]  # step,epoch,key,value
+    vals = [(int(step), float(value)) for step, _, key, value in rows if key == "val/rougeL"]
     assert [s for s, _ in vals] == [1, 2, 3, 4]  # every step: mid-epoch and at epoch ends
     best = max(v for _, v in vals)
     assert training["best_score"] == best and training["best_step"] == next(s for s, v in vals if v == best)
