@@ -118,6 +118,7 @@ def test_preset_without_a_table_counts_only_the_runs_it_has(tmp_path):
     md = Path(out["markdown"]).read_text()
     assert (out["runs"], out["complete"]) == (4, 4)
     assert "kernel_mix_qvo" not in md and "finetune" not in md and "Runs: 4 of 4" in md
+    assert "no row is a baseline (name one with --baseline" in md and "\\*" not in md.split("Mean ±")[0]
 
 
 def test_figure_labels_never_overlap_at_twelve_rows(tmp_path):
