@@ -107,6 +107,10 @@ def make_table(overrides: Sequence[str], out: Path, figure: bool = True, n_boot:
         for group in spec.groups:
             for row in group.rows:
                 row.baseline = row.method in names or row.label in names
+        if not any(r.baseline for g in spec.groups for r in g.rows):
+            labels = sorted({r.method for g in spec.groups for r in g.rows})
+            raise KpeftError(f"--baseline {args.baseline} names no row of experiment '{cfg.experiment}'; "
+                             f"rows: {', '.join(labels)}")
     view = build(spec, cfg.model.name, collect(spec, cfg.model.name, load_runs(runs_root(cfg))), n_boot)
     return _write(view, cfg.experiment, out, figure, n_boot)
 

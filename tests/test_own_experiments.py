@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,16 @@ def test_sweep_of_your_own_then_its_table(tmp_path):
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "±" in ln]
     assert len(rows) == 2 and "| lora |" in rows[0] and "| bitfit |" in rows[1]
     assert "kernel_mix_qvo" not in md and "Runs: 4 of 4 have a complete record." in md
-    assert (tmp_path / summary["figure"]).stat().st_size > 1000
+    for row, method in zip(rows, ("lora", "bitfit")):  # each row: mean ± std (ddof 1) of its two seeds' records
+        acc = [read_record(p)["metrics"]["test"]["accuracy"] for p in records if f"/{method}-" in str(p)]
+        assert len(acc) == 2 and f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f}" in row
+    import matplotlib.pyplot as plt  # after draw() chose the Agg backend
+
+    fig = _figure_of(tmp_path / "results" / "runs" / "mine", ["lora"])
+    _assert_readable(fig, rows=2)
+    plt.close(fig)
+    png = plt.imread(tmp_path / summary["figure"])
+    assert png.shape[0] >= 150 and png.shape[1] >= 300 and png.std() > 0  # a real image, not a blank one
     bad = _run("kpeft.tables", "experiment=mine", "--baseline", "adapter", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
         "kpeft: error: --baseline adapter names no row; rows: bitfit, lora")
@@ -121,36 +131,60 @@ def test_preset_without_a_table_counts_only_the_runs_it_has(tmp_path):
     assert "no row is a baseline (name one with --baseline" in md and "\\*" not in md.split("Mean ±")[0]
 
 
-def test_figure_labels_never_overlap_at_twelve_rows(tmp_path):
-    import matplotlib
+def test_baseline_of_a_declared_table(tmp_path, capsys):
+    """A paper preset keeps its layout; --baseline replaces its baselines, and a name of no row is one line."""
+    from kpeft.tables import main
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    root = tmp_path / "runs"
+    out = main(["experiment=nlu_mini", f"output_root={root}", "--baseline", "lora", "--no-figure",
+                "--out", str(tmp_path / "t")])
+    md = Path(out["markdown"]).read_text()
+    assert out["complete"] == 0 and out["runs"] == out["missing"] > 0 and "| LoRA |" in md
+    with pytest.raises(SystemExit) as exit_:
+        main(["experiment=nlu_mini", f"output_root={root}", "--baseline", "lorra", "--no-figure",
+              "--out", str(tmp_path / "t")])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
+        "kpeft: error: --baseline lorra names no row of experiment 'nlu_mini'; rows: adapter, bitfit, finetune, "
+        "inducer_lora, kernel_mix_qvo, krona, lora, mam_adapter, prefix")
 
+
+def _figure_of(root: Path, baseline: list[str]):
+    """The table figure of the records under `root`, drawn as ``kpeft.tables`` draws it."""
     from kpeft.experiments.build import build, only_found
     from kpeft.experiments.figure import draw
     from kpeft.experiments.found import find_records, found_table
 
+    spec, runs, used = found_table(find_records([str(root)]), baseline=baseline)
+    return draw(only_found(build(spec, "tiny_bert", runs, 10), runs, used))
+
+
+def _assert_readable(fig, rows: int) -> None:
+    """One y label per row, no two tick labels overlapping, every label inside the figure and legible."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    for labels, least in ((ax.get_yticklabels(), rows), (ax.get_xticklabels(), 2)):
+        boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
+        assert len(boxes) >= least
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert not a.overlaps(b), (a, b)
+    for t in ax.get_yticklabels():
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= fig.bbox.x0 - 1 and box.height > 5
+
+
+def test_figure_labels_never_overlap_at_twelve_rows(tmp_path):
     root = tmp_path / "runs"
     for i in range(12):
         for seed in (1, 2):
             _record(root, f"method_with_a_rather_long_name_{i:02d}", seed, 50.0 + i + seed / 10,
                     budget="tiny" if i < 6 else "a_second_budget_group")
-    spec, runs, used = found_table(find_records([str(root)]), baseline=["method_with_a_rather_long_name_00"])
-    fig = draw(only_found(build(spec, "tiny_bert", runs, 10), runs, used))
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    ax = fig.axes[0]
-    for labels in (ax.get_yticklabels(), ax.get_xticklabels()):
-        boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
-        assert len(boxes) >= (12 if labels is not None and labels == ax.get_yticklabels() else 2)
-        for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
-                assert not a.overlaps(b), (a, b)
-    fig_box = fig.bbox
-    for t in ax.get_yticklabels():
-        box = t.get_window_extent(renderer)
-        assert box.x0 >= fig_box.x0 - 1 and box.height > 5  # inside the figure, legible
+    fig = _figure_of(root, ["method_with_a_rather_long_name_00"])
+    import matplotlib.pyplot as plt  # after draw() chose the Agg backend
+
+    assert len(fig.axes[0].get_yticklabels()) == 12
+    _assert_readable(fig, rows=12)
     plt.close(fig)
 
 
