@@ -229,40 +229,61 @@ def cnndm_dir(tmp_path_factory):
 
 
 def _cnndm(data_dir: Path, root: Path, *extra: str) -> list[str]:
-    return ["kpeft.train", "model=tiny_gpt2", f"model.tokenizer={PACKAGED_TOKENIZERS['gpt2']}", "method=lora",
-            "budget=tiny", "task=cnndm", f"task.data_dir={data_dir}", "task.options.max_source_tokens=60",
+    """A tiny random GPT-2 fine-tuned on 8 CNN/DM stories at a high learning rate: within ten steps its
+    greedy 8-token summaries go from nothing to repeated common words, so validation ROUGE-1 moves."""
+    return ["kpeft.train", "model=tiny_gpt2", f"model.tokenizer={PACKAGED_TOKENIZERS['gpt2']}", "method=finetune",
+            "task=cnndm", f"task.data_dir={data_dir}", "task.options.max_source_tokens=60",
             "task.options.max_target_tokens=20", "task.options.max_train_examples=8",
-            "task.options.max_eval_examples=5", "task.options.max_new_tokens=4",
-            "+model.architecture.initializer_range=0.5", "train.batch_size=4", "train.eval_batch_size=2",
-            "train.epochs=2", "train.warmup_steps=0", "train.progress=false", f"output_root={root}", *extra]
+            "task.options.max_eval_examples=5", "task.options.max_new_tokens=8", "train.batch_size=4",
+            "train.eval_batch_size=2", "train.epochs=5", "train.lr=0.2", "train.warmup_steps=0",
+            "train.early_stopping_patience=0", "train.progress=false", f"output_root={root}", *extra]
+
+
+def _logged(run_dir: Path, key: str) -> dict[int, float]:
+    rows = [ln.split(",") for ln in (run_dir / "metrics.csv").read_text().splitlines()[1:]]  # step,epoch,key,value
+    return {int(step): float(value) for step, _, k, value in rows if k == key}
+
+
+def _evaluate(run_dir: Path, *args: str) -> tuple[dict, dict]:
+    proc = _run("kpeft.evaluate", str(run_dir), *args, cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return summary, json.loads(Path(summary["evaluation"]).read_text(), parse_constant=lambda c: pytest.fail(c))
 
 
 def test_select_by_a_generation_metric_then_evaluate_only(tmp_path, cnndm_dir):
-    proc = _run(*_cnndm(cnndm_dir, tmp_path, "train.select_by=rougeL", "train.eval_every_steps=1",
-                        "train.val_generation_examples=3", "train.lr=0.05"), cwd=tmp_path)
+    proc = _run(*_cnndm(cnndm_dir, tmp_path, "train.select_by=rouge1", "train.eval_every_steps=1",
+                        "train.val_generation_examples=3"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = tmp_path.rglob("record.json")
     run_dir, rec = path.parent, read_record(path)
     training = rec["training"]
-    assert (training["selected_by"], training["select_mode"]) == ("rougeL", "max")
-    rows = [ln.split(",") for ln in (run_dir / "metrics.csv").read_text().splitlines()[1:]]  # step,epoch,key,value
-    vals = [(int(step), float(value)) for step, _, key, value in rows if key == "val/rougeL"]
-    assert [s for s, _ in vals] == [1, 2, 3, 4]  # every step: mid-epoch and at epoch ends
-    best = max(v for _, v in vals)
-    assert training["best_score"] == best and training["best_step"] == next(s for s, v in vals if v == best)
+    assert (training["selected_by"], training["select_mode"], training["steps"]) == ("rouge1", "max", 10)
+    rouge, loss = _logged(run_dir, "val/rouge1"), _logged(run_dir, "val/loss")
+    assert list(rouge) == list(loss) == list(range(1, 11))  # every step: mid-epoch and at epoch ends
+    assert len(set(rouge.values())) > 1  # the metric moved, so the choice means something
+    best = max(rouge.values())
+    best_step = next(s for s, v in rouge.items() if v == best)  # the first of equal values is kept
+    assert (training["best_score"], training["best_step"]) == (best, best_step)
+    assert best_step != min(loss, key=loss.get)  # selection by validation loss would have kept another step
+    assert training["best_val_loss"] == min(loss.values())
     assert not (run_dir / "generations" / "validation.jsonl").exists()  # validations write nothing
 
+    # Evaluate-only: the best checkpoint is the one saved at best_step; record.json is left alone.
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    again = _run("kpeft.evaluate", str(run_dir), cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-2000:]
-    summary = json.loads(again.stdout.strip().splitlines()[-1])
-    evaluation = json.loads(Path(summary["evaluation"]).read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert Path(summary["evaluation"]).parent == run_dir / "evaluations"
-    assert evaluation["metrics"]["test"] == rec["metrics"]["test"]  # the best checkpoint, as the run scored it
+    summary, evaluation = _evaluate(run_dir)
+    assert Path(summary["evaluation"]).parent == run_dir / "evaluations" and summary["checkpoint"] == "best"
+    assert evaluation["metrics"]["test"] == rec["metrics"]["test"]  # as the run scored it
+    _, on_val = _evaluate(run_dir, "split=validation")
+    assert on_val["metrics"]["validation"]["loss"] == pytest.approx(loss[best_step], rel=1e-5)
+    assert on_val["metrics"]["validation"]["rouge1"] != best  # all 5 items; validations decoded the first 3:
+    _, capped = _evaluate(run_dir, "split=validation", "task.options.max_eval_examples=3")
+    assert capped["metrics"]["validation"]["rouge1"] == pytest.approx(best)
+    summary, on_val = _evaluate(run_dir, "split=validation", "checkpoint=last")
+    assert Path(summary["evaluation"]).name.startswith("validation-")
+    assert on_val["metrics"]["validation"]["loss"] == pytest.approx(loss[10], rel=1e-5)
+    assert (run_dir / "evaluations" / Path(summary["evaluation"]).stem / "generations" / "validation.jsonl").is_file()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
-    last = _run("kpeft.evaluate", str(run_dir), "split=validation", "checkpoint=last", cwd=tmp_path)
-    assert last.returncode == 0, last.stderr[-2000:]
-    assert json.loads(last.stdout.strip().splitlines()[-1])["evaluation"].split("/")[-1].startswith("validation-")
     wrong = _run("kpeft.evaluate", str(run_dir), "checkpoint=middle", cwd=tmp_path)
     assert wrong.returncode == 2 and wrong.stderr.strip() == "kpeft: error: checkpoint=middle is not valid; valid: best, last"
 
