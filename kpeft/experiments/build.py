@@ -9,6 +9,7 @@ import numpy as np
 
 from kpeft.experiments.collect import RowTask
 from kpeft.experiments.columns import standard
+from kpeft.experiments.provenance import mixed_provenance
 from kpeft.experiments.spec import Column, TableSpec, TaskColumns, row_budget
 from kpeft.experiments.stats import Summary, best_index, paired_bootstrap_p, summarize, welch_p
 
@@ -68,6 +69,7 @@ class TableView:
     ignored: int  # complete records not counted (their config lacks the row's overrides, or another won)
     differs: list[str] = field(default_factory=list)  # "task method-budget: keys" of cells with mixed configs
     asked: int | None = None  # runs asked for, when not the spec's rows × tasks × seeds (tables of found records)
+    made_by: list[str] = field(default_factory=list)  # mixed code / lock versions among the records (footer)
 
     @property
     def expected(self) -> int:
@@ -129,7 +131,8 @@ def build(spec: TableSpec, model: str, runs: dict[tuple[int, int, str], RowTask]
                         if seed in rt.failed:
                             failed.append(f"{name}: {rt.failed[seed]}")
             rows.append(view)
-    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs)
+    used = [rec for rt in runs.values() for rec in rt.records.values()]
+    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs, mixed_provenance(used))
     _mark(table, runs, n_boot)
     if spec.average:
         _add_average(table)

@@ -100,6 +100,8 @@ def _status(table: TableView) -> str:
                  "or another config of the same run was chosen)")
     if table.differs:
         text += "; ‡ configs differ within a cell: " + "; ".join(table.differs)
+    for line in table.made_by:  # records of different code or environments (docs/reproduce.md)
+        text += f"; {line}"
     return text + "."
 
 
