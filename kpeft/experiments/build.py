@@ -68,8 +68,8 @@ class TableView:
     failed: list[str]
     ignored: int  # complete records not counted (their config lacks the row's overrides, or another won)
     differs: list[str] = field(default_factory=list)  # "task method-budget: keys" of cells with mixed configs
-    asked: int | None = None  # runs asked for, when not the spec's rows × tasks × seeds (tables of found records)
     made_by: list[str] = field(default_factory=list)  # mixed code / lock versions among the records (footer)
+    asked: int | None = None  # runs asked for, when not the spec's rows × tasks × seeds (tables of found records)
 
     @property
     def expected(self) -> int:
@@ -132,7 +132,8 @@ def build(spec: TableSpec, model: str, runs: dict[tuple[int, int, str], RowTask]
                             failed.append(f"{name}: {rt.failed[seed]}")
             rows.append(view)
     used = [rec for rt in runs.values() for rec in rt.records.values()]
-    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs, mixed_provenance(used))
+    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs,
+                      made_by=mixed_provenance(used))
     _mark(table, runs, n_boot)
     if spec.average:
         _add_average(table)
