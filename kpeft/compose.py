@@ -36,6 +36,11 @@ def check_choices(overrides: Sequence[str]) -> None:
         key, sep, value = item.lstrip("+~").partition("=")
         if not sep or key not in GROUPS or value in ("", "null"):
             continue
+        if key == "experiment":  # a name without a preset is an experiment of your own (a new folder)
+            from kpeft.experiments.own import register_own
+
+            register_own([f"experiment={value}"])
+            continue
         for name in value.split(","):
             name = name.strip()
             if name and name not in available(key):

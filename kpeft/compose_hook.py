@@ -95,6 +95,10 @@ def _identity(self: ConfigLoaderImpl, cfg: DictConfig, config_name: str | None, 
 @functools.wraps(_original)
 def load_configuration(self: ConfigLoaderImpl, config_name: str | None, overrides: list[str], run_mode: RunMode,
                        from_shell: bool = True, validate_sweep_overrides: bool = True) -> DictConfig:
+    if config_name == "config":  # kpeft's root config: experiment=NAME without a preset file
+        from kpeft.experiments.own import register_own
+
+        register_own(overrides)
     cfg = _original(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
     if not _is_kpeft(cfg):
         return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -56,14 +57,42 @@ def is_complete(run_dir: str | Path) -> bool:
     return rec is not None and rec.get("status") == "complete"
 
 
+def output_mode(path: str | Path) -> None:
+    """Give a file the mode of every other output: 0o666 less the umask (0o644 typically); temporary
+    files (``mkstemp``) and safetensors are created readable by their owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def strict_json(value: Any, path: str = "", nulled: dict[str, str] | None = None) -> Any:
+    """`value` with every NaN/±Infinity float replaced by None (strict JSON has neither); each
+    replaced key goes into `nulled` as ``{dotted key: "NaN" | "Infinity" | "-Infinity"}``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if nulled is not None:
+            nulled[path] = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, f"{path}.{k}" if path else str(k), nulled) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, f"{path}.{i}" if path else str(i), nulled) for i, v in enumerate(value)]
+    return value
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write via a temporary file in the same directory + ``os.replace``: readers see the old file
-    or the whole new one, never half of one."""
+    or the whole new one, never half of one. Strict JSON: a non-finite number becomes null, listed
+    with its value under ``"non_finite"``; the file gets the umask's mode (:func:`output_mode`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    nulled: dict[str, str] = {}
+    payload = strict_json(payload, nulled=nulled)
+    if nulled:
+        payload["non_finite"] = {**(payload.get("non_finite") or {}), **nulled}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        output_mode(tmp)
         with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str, allow_nan=False)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())

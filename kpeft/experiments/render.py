@@ -32,6 +32,10 @@ def _count(cell: CellView) -> str:
 
 
 def legend(table: TableView, n_boot: int = 1000) -> list[str]:
+    if not any(row.baseline for row in table.rows):
+        return ["Mean ± standard deviation over seeds; (k/n): only k of the n runs asked for have a record; "
+                f"{DASH}: none. Bold: the best mean of its group. No significance marks: no row is a "
+                "baseline (name one with --baseline, e.g. --baseline lora)."]
     return [
         "Mean ± standard deviation over seeds; (k/n): only k of the n runs asked for have a record; "
         f"{DASH}: none. Bold: the best mean of its budget group.",
