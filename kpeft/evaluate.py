@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kpeft.errors import ArgumentParser, KpeftError, user_errors
-from kpeft.records import provenance, write_json_atomic
+from kpeft.records import SCHEMA_VERSION, provenance, write_json_atomic
 
 CHECKPOINTS = ("best", "last")
 
@@ -91,7 +91,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", o
                       folder / name, accelerator)
     metrics = trainer.evaluate(split, save_examples=True)
     record = {
-        "status": "complete", "kind": "evaluation", "schema": 1, "run_dir": str(run_dir),
+        "status": "complete", "kind": "evaluation", "schema": SCHEMA_VERSION, "run_dir": str(run_dir),
         "split": split, "checkpoint": checkpoint, "overrides": list(overrides),
         "metric": cfg.task.metric, "score": metrics.get(cfg.task.metric), "metrics": {split: metrics},
         "examples": str(folder / name), "timing": {"wall_seconds": round(time.perf_counter() - t0, 3)},
