@@ -28,7 +28,7 @@ from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel
 from kpeft.tasks import Task
 from kpeft.training import checkpoint as ckpt
-from kpeft.training.data import epoch_order, eval_batches, step_batches, steps_per_epoch
+from kpeft.training.data import epoch_order, eval_batches, length_grouped_order, padding_fraction, step_batches, steps_per_epoch
 from kpeft.training.memory import enable_gradient_checkpointing
 from kpeft.training.optim import build_optimizer, linear_schedule, warmup_steps
 from kpeft.training.tracking import MetricsLogger
@@ -205,7 +205,7 @@ class Trainer:
         examples = self.splits["train"]
         has_val = len(self.splits.get("validation", [])) > 0
         while state.epoch < self.epochs and not state.stopped_early:
-            order = epoch_order(len(examples), self.cfg.seed, state.epoch)
+            order = self.epoch_order(state.epoch)
             self.model.train()
             start = time.perf_counter()
             while state.step_in_epoch < self.steps_per_epoch and state.global_step < self.total_steps:
@@ -228,6 +228,20 @@ class Trainer:
             state.train_seconds += time.perf_counter() - start
             self._end_epoch(state, logger, has_val)
             ckpt.save_training_state(last_dir, self.adapted, self.optimizer, self.scheduler, asdict(state), self.cfg, self.acc)
+
+    @property
+    def group_by_length(self) -> bool:
+        """``train.group_by_length``; unset: on for generation tasks (causal LM, seq2seq)."""
+        flag = self.tcfg.get("group_by_length")
+        return self.task.kind in ("causal_lm", "seq2seq") if flag is None else bool(flag)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example order of `epoch`: shuffled, length-grouped with :attr:`group_by_length`."""
+        examples = self.splits["train"]
+        if not self.group_by_length:
+            return epoch_order(len(examples), self.cfg.seed, epoch)
+        lengths = [len(e["input_ids"]) for e in examples]
+        return length_grouped_order(lengths, self.cfg.seed, epoch, self.tcfg.batch_size)
 
     def _optimizer_step(self, examples: list, order: list[int], step: int) -> float:
         micro = step_batches(examples, order, step, self.tcfg.batch_size, self.tcfg.grad_accum,
@@ -292,4 +306,10 @@ class Trainer:
             "steps": state.global_step, "epochs": state.epoch, "best_epoch": state.best_epoch,
             "best_val_loss": state.best_val_loss, "stopped_early": state.stopped_early,
             "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
+            "group_by_length": self.group_by_length, "padding_fraction": round(self.padding_fraction(), 4),
         }
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """The share of pad tokens in the training batches of `epoch` (global batches)."""
+        lengths = [len(e["input_ids"]) for e in self.splits["train"]]
+        return padding_fraction(lengths, self.epoch_order(epoch), self.tcfg.batch_size)
