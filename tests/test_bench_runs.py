@@ -125,3 +125,22 @@ def test_bench_runs_refuses_unknown_jobs(capsys):
         main(["--runs", "--jobs", "mnli_bert"])
     assert exc.value.code != 0
     assert "unknown --jobs entry 'mnli_bert'" in capsys.readouterr().err
+
+
+def test_classifier_evaluation_forwards_each_batch_once_with_the_separate_passes_numbers(make_cfg, tmp_path):
+    from kpeft.train import build
+    from kpeft.training.loop import Trainer, make_accelerator
+
+    cfg = make_cfg("model=tiny_bert", "task=demo_sentiment", "method=lora", "budget=tiny", "task.options.n_train=32",
+                   "task.options.n_test=70", "task.options.n_val=8", "train.eval_batch_size=32")
+    adapted, task, splits = build(cfg)
+    trainer = Trainer(cfg, adapted, task, splits, tmp_path, make_accelerator(cfg.train))
+    calls = []
+    hook = adapted.model.register_forward_hook(lambda *a: calls.append(1))
+    metrics = trainer.evaluate("test", save_examples=True)
+    assert len(calls) == 3  # 70 examples in batches of 32: one forward each
+    hook.remove()
+    assert metrics["loss"] == pytest.approx(trainer.evaluate_loss("test"), rel=1e-9)
+    rows = [json.loads(line) for line in (tmp_path / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(70))
+    assert metrics["accuracy"] == pytest.approx(100.0 * sum(r["score"] for r in rows) / 70)

@@ -38,7 +38,7 @@ class Sizes:
 
 
 JOBS = ("sst2_minilm", "webnlg_tiny")
-SIZES = {"sst2_minilm": Sizes(train=96, eval=128), "webnlg_tiny": Sizes(train=96, eval=48, max_length=128)}
+SIZES = {"sst2_minilm": Sizes(train=96, eval=200), "webnlg_tiny": Sizes(train=96, eval=48, max_length=128)}
 QUICK_SIZES = {"sst2_minilm": Sizes(train=16, eval=16, epochs=1, batch=8, eval_batch=16, max_length=32),
                "webnlg_tiny": Sizes(train=16, eval=8, epochs=1, batch=8, eval_batch=16, max_length=128)}
 # The tiny decoder: tiny_gpt2 with room for WebNLG prompts and 40 new tokens.
@@ -66,7 +66,8 @@ def kpeft_overrides(job: str, sizes: Sizes, scale: int, data_dir: Path, output_r
               f"train.eval_batch_size={sizes.eval_batch}", "train.progress=false", "train.checkpoint_every_steps=0",
               "train.early_stopping_patience=0", f"task.max_length={sizes.max_length}", "method=lora"]
     if job == "sst2_minilm":
-        return [*common, "model=minilm_l6", "budget=nlu", "task=glue_sst2", f"task.data_dir={data_dir}"]
+        return [*common, "model=minilm_l6", "budget=nlu", "task=glue_sst2", f"task.data_dir={data_dir}",
+                "train.lr=1.0e-3"]
     if job == "webnlg_tiny":
         return [*common, *TINY_DECODER, "budget=intermediate", "task=webnlg", f"task.data_dir={WEBNLG}",
                 "task.options.meteor=off", "train.label_smoothing=0.0", "train.warmup_steps=0",
