@@ -38,7 +38,7 @@ class Sizes:
 
 
 JOBS = ("sst2_minilm", "webnlg_tiny")
-SIZES = {"sst2_minilm": Sizes(train=96, eval=200), "webnlg_tiny": Sizes(train=96, eval=48, max_length=128)}
+SIZES = {"sst2_minilm": Sizes(train=64, eval=128), "webnlg_tiny": Sizes(train=64, eval=32, max_length=128)}
 QUICK_SIZES = {"sst2_minilm": Sizes(train=16, eval=16, epochs=1, batch=8, eval_batch=16, max_length=32),
                "webnlg_tiny": Sizes(train=16, eval=8, epochs=1, batch=8, eval_batch=16, max_length=128)}
 # The tiny decoder: tiny_gpt2 with room for WebNLG prompts and 40 new tokens.

@@ -206,7 +206,7 @@ def run_all(opts: RunOptions, work: Path | None = None) -> dict:
     import torch
     import transformers
 
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kpeft-bench-runs-") as tmp:
         rows = measure(opts, Path(work or tmp))
     res = summarise(rows, opts)
@@ -214,7 +214,8 @@ def run_all(opts: RunOptions, work: Path | None = None) -> dict:
     res["setup"] = {
         "jobs": {j: vars(opts.size(j)) for j in opts.jobs}, "scales": list(opts.scales), "rounds": opts.rounds,
         "threads": opts.threads, "quick": opts.quick, "wall_s": round(time.perf_counter() - t0, 1),
-        "host_kind": f"cpu-{opts.threads}t", "cpu_count": os.cpu_count(), "load_avg_start": None,
+        "host_kind": f"cpu-{opts.threads}t", "cpu_count": os.cpu_count(),
+        "load_avg_1_5_15min": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "python": platform.python_version()},
     }
