@@ -11,6 +11,7 @@ the time per example.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -110,6 +111,12 @@ def _slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else math.nan
 
 
+def _paired(pick: dict, rounds: int, scale: int, key: str) -> float:
+    """Median over rounds of kpeft's / the reference's seconds of `key` at `scale` (same round)."""
+    return _median([pick["kpeft", scale, k]["seconds"][key] / pick["hf_trainer", scale, k]["seconds"][key]
+                    for k in range(rounds) if pick["hf_trainer", scale, k]["seconds"][key] > 0])
+
+
 def measure(opts: RunOptions, work: Path) -> list[dict]:
     """Every run, in interleaved rounds; one row per run."""
     specs = {}
@@ -140,10 +147,7 @@ def summarise(rows: list[dict], opts: RunOptions) -> dict:
     first = opts.scales[0]
     for job in opts.jobs:
         pick = {(r["side"], r["scale"], r["round"]): r for r in rows if r["job"] == job}
-
-        def paired(scale: int, key: str) -> float:
-            return _median([pick["kpeft", scale, k]["seconds"][key] / pick["hf_trainer", scale, k]["seconds"][key]
-                            for k in range(opts.rounds) if pick["hf_trainer", scale, k]["seconds"][key] > 0])
+        paired = functools.partial(_paired, pick, opts.rounds)
 
         out["run_ratio_vs_hf_trainer"][job] = round(paired(first, "wall"), 3)
         out["phase_ratio_vs_hf_trainer"][job] = {p: round(paired(first, p), 3) for p in PHASES}

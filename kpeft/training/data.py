@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-
 # Examples sorted together by length_grouped_order: this many global batches (transformers'
 # LengthGroupedSampler uses the same 50).
 MEGABATCH = 50

@@ -28,7 +28,14 @@ from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel
 from kpeft.tasks import Task
 from kpeft.training import checkpoint as ckpt
-from kpeft.training.data import epoch_order, eval_batches, length_grouped_order, padding_fraction, step_batches, steps_per_epoch
+from kpeft.training.data import (
+    epoch_order,
+    eval_batches,
+    length_grouped_order,
+    padding_fraction,
+    step_batches,
+    steps_per_epoch,
+)
 from kpeft.training.memory import enable_gradient_checkpointing
 from kpeft.training.optim import build_optimizer, linear_schedule, warmup_steps
 from kpeft.training.tracking import MetricsLogger
