@@ -3,6 +3,10 @@
 Prints the Markdown table, then, as the last stdout line, the result as one JSON object; writes
 ``<out>/<host-kind>.json`` and ``.md`` (``results/bench/``; ``--quick`` runs write
 ``<host-kind>.quick.*``). See the README's "Performance" section.
+
+``python -m kpeft.bench --runs [--quick] [--jobs ...] [--scales 1,2,4] [--rounds 2]``: whole runs of
+``python -m kpeft.train`` against a ``transformers.Trainer`` + PEFT script, by phase
+(:mod:`kpeft.bench.runs`; ``results/bench/runs-<host-kind>.json`` and ``.md``; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def parse(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
                    help="whole runs: python -m kpeft.train vs a transformers.Trainer + PEFT script (docs/performance.md)")
     p.add_argument("--rounds", type=int, help="--runs: interleaved rounds (default 2; --quick 1)")
     p.add_argument("--scales", type=_csv, help="--runs: training-data multiples (default 1,2,4; --quick 1)")
+    p.add_argument("--note", help="--runs: a remark kept in the record (e.g. how loaded the machine was)")
     p.add_argument("--jobs", type=_csv, help="--runs: sst2_minilm,webnlg_tiny (default both)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench", help="where the .json/.md go")
     p.add_argument("--no-save", action="store_true", help="print only")
@@ -122,6 +127,8 @@ def main_runs(args: argparse.Namespace) -> dict:
     from kpeft.bench.runs import run_all
 
     result = run_all(run_options(args))
+    if args.note:
+        result["setup"]["note"] = args.note
     if not args.no_save:
         save_runs(result, args.out, args.quick)
     print(runs_markdown(result))

@@ -251,6 +251,8 @@ def markdown(res: dict) -> str:
                       + (f" (slope {sc[side]['train_slope_s_per_example'] * 1000:.1f} ms)"
                          if sc[side]['train_slope_s_per_example'] is not None else "")
                       for side in SIDES) + ".", ""]
+    if s.get("note"):
+        lines += [f"Note: {s['note']}", ""]
     missed = [k for k, v in res["targets"].items() if not v["met"]]
     lines.append(f"Targets met: {len(res['targets']) - len(missed)} of {len(res['targets'])}"
                  + (f"; missed: {', '.join(missed)}." if missed else "."))
