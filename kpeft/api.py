@@ -25,6 +25,7 @@ from kpeft.compose import available, check_method_fits_budget, compose
 from kpeft.config import COMPONENT_SCHEMAS, Config, MethodConfig
 from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel, apply_method
+from kpeft.records import output_mode
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "kpeft_adapter.yaml"
@@ -106,6 +107,7 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path) -> Path:
         adapted.unmerge()
     try:
         save_file(adapted.adapter_state_dict(), str(directory / ADAPTER_FILE))
+        output_mode(directory / ADAPTER_FILE)
     finally:
         if was_merged:
             adapted.merge()
