@@ -26,7 +26,7 @@ TABLES := km-table1 km-table2 km-table3 it-table1 it-table2 it-table3 krona-tabl
 RUN ?=
 TABLE_ARGS ?=
 
-.PHONY: help install lock check-env test-latest demo test test-slow test-all lint count bench clean params-table nlu-mini nlg-mini krona-table2 $(TABLES)
+.PHONY: help install lock check-env test-latest demo test test-slow test-all lint count bench bench-runs clean params-table nlu-mini nlg-mini krona-table2 $(TABLES)
 
 help:
 	@echo "make demo       create .venv, install, run the offline demo (~2 min on 2 cores)"
@@ -40,6 +40,7 @@ help:
 	@echo "make lint       ruff"
 	@echo "make count ARGS='model=gpt2 method=lora budget=small'   parameter accounting"
 	@echo "make bench      speed/memory ratios of every method (results/bench/; ARGS='--quick' for a smoke run)"
+	@echo "make bench-runs whole runs: kpeft.train vs a Trainer + PEFT script, by phase (results/bench/runs-*)"
 	@echo "make params-table   every parameter row of the papers next to our count (results/tables/params.md)"
 	@echo "make km-table1      rebuild a paper table from its records; RUN=1 first runs the missing runs"
 	@echo "                    (also km-table2/3, it-table1/2/3, krona-table1/2, lora-e2e, prefix-table, nlu-mini, table-smoke)"
@@ -114,6 +115,9 @@ count: install
 
 bench: install
 	$(BIN)/python -m kpeft.bench $(ARGS)
+
+bench-runs: install
+	$(BIN)/python -m kpeft.bench --runs $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache .ruff_cache outputs multirun

@@ -541,6 +541,8 @@ class TrainConfig:
     eval_before_training: bool = False  # also score the untrained model (demo)
     eval_only: bool = False  # no training: evaluate the model as loaded (method=zero_shot rows)
     eval_batch_size: int = 64
+    # Batches of examples of similar length (kpeft/training/data.py); null: on for generation tasks.
+    group_by_length: bool | None = None
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, none on CPU) | no | bf16 | fp16
     num_workers: int = 0
     # Recompute each block's activations in the backward pass (non-reentrant; docs/training_memory.md).

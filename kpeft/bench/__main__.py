@@ -3,6 +3,10 @@
 Prints the Markdown table, then, as the last stdout line, the result as one JSON object; writes
 ``<out>/<host-kind>.json`` and ``.md`` (``results/bench/``; ``--quick`` runs write
 ``<host-kind>.quick.*``). See the README's "Performance" section.
+
+``python -m kpeft.bench --runs [--quick] [--jobs ...] [--scales 1,2,4] [--rounds 2]``: whole runs of
+``python -m kpeft.train`` against a ``transformers.Trainer`` + PEFT script, by phase
+(:mod:`kpeft.bench.runs`; ``results/bench/runs-<host-kind>.json`` and ``.md``; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ def parse(argv: Sequence[str]) -> tuple[Options, argparse.Namespace]:
     p.add_argument("--device", help="auto | cpu | cuda (default auto)")
     p.add_argument("--clock", choices=("auto", "wall", "cpu"),
                    help="CPU timer: process CPU time (default with one thread) or wall time")
+    p.add_argument("--runs", action="store_true",
+                   help="whole runs: python -m kpeft.train vs a transformers.Trainer + PEFT script (docs/performance.md)")
+    p.add_argument("--rounds", type=int, help="--runs: interleaved rounds (default 2; --quick 1)")
+    p.add_argument("--scales", type=_csv, help="--runs: training-data multiples (default 1,2,4; --quick 1)")
+    p.add_argument("--note", help="--runs: a remark kept in the record (e.g. how loaded the machine was)")
+    p.add_argument("--jobs", type=_csv, help="--runs: sst2_minilm,webnlg_tiny (default both)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "bench", help="where the .json/.md go")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args(list(argv))
@@ -80,10 +90,58 @@ def save(result: dict, out: Path, quick: bool) -> Path:
     return path
 
 
+def run_options(args: argparse.Namespace):
+    """The ``--runs`` options, each wrong one refused in one line."""
+    from kpeft.bench import jobs as bench_jobs
+    from kpeft.bench.runs import RunOptions
+
+    names = args.jobs or bench_jobs.JOBS
+    for name in names:
+        if name not in bench_jobs.JOBS:
+            raise KpeftError(f"unknown --jobs entry '{name}'; valid: {', '.join(bench_jobs.JOBS)}")
+    try:
+        scales = tuple(int(s) for s in (args.scales or (("1",) if args.quick else ("1", "2", "4"))))
+    except ValueError:
+        raise KpeftError(f"--scales takes positive integers, e.g. 1,2,4, not {','.join(args.scales)}") from None
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    if rounds < 1 or min(scales) < 1:
+        raise KpeftError("--rounds and every --scales entry must be ≥ 1")
+    return RunOptions(jobs=tuple(names), scales=scales, rounds=rounds, threads=args.threads or 1, quick=args.quick)
+
+
+def save_runs(result: dict, out: Path, quick: bool) -> Path:
+    """``<out>/runs-<host-kind>[.quick].json`` and ``.md``; returns the JSON path."""
+    from kpeft.bench.runs import markdown as runs_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "runs-" + result["setup"]["host_kind"] + (".quick" if quick else "")
+    path = out / f"{stem}.json"
+    result["setup"]["saved_to"] = str(path)
+    (out / f"{stem}.md").write_text(runs_markdown(result) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def main_runs(args: argparse.Namespace) -> dict:
+    from kpeft.bench.runs import markdown as runs_markdown
+    from kpeft.bench.runs import run_all
+
+    result = run_all(run_options(args))
+    if args.note:
+        result["setup"]["note"] = args.note
+    if not args.no_save:
+        save_runs(result, args.out, args.quick)
+    print(runs_markdown(result))
+    print(json.dumps(result))
+    return result
+
+
 @user_errors
 def main(argv: Sequence[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     opts, args = parse(sys.argv[1:] if argv is None else argv)
+    if args.runs:
+        return main_runs(args)
     result = run(opts)
     if not args.no_save:
         save(result, args.out, args.quick)

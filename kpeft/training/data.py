@@ -13,12 +13,44 @@ from typing import Any
 
 import torch
 
+# Examples sorted together by length_grouped_order: this many global batches (transformers'
+# LengthGroupedSampler uses the same 50).
+MEGABATCH = 50
+
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     if not shuffle:
         return list(range(n))
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def length_grouped_order(lengths: Sequence[int], seed: int, epoch: int, global_batch: int) -> list[int]:
+    """A permutation of the examples (the same set every epoch) whose consecutive global batches hold
+    examples of similar length, so that a batch pads little: the epoch's random order is cut into
+    groups of :data:`MEGABATCH` global batches, each group sorted by length (longest first), then
+    the order of its batches is shuffled (the same (seed, epoch) always gives the same order)."""
+    order = epoch_order(len(lengths), seed, epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+    size = MEGABATCH * global_batch
+    batches: list[list[int]] = []
+    for start in range(0, len(order), size):
+        group = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        batches += [group[i : i + global_batch] for i in range(0, len(group), global_batch)]
+    # Only full batches move: the last, smaller one stays last (steps_per_epoch counts it there).
+    full = len(order) // global_batch
+    moved = torch.randperm(full, generator=g).tolist()
+    return [i for b in moved for i in batches[b]] + [i for b in batches[full:] for i in b]
+
+
+def padding_fraction(lengths: Sequence[int], order: Sequence[int], batch: int) -> float:
+    """The share of pad tokens in right-padded batches of `batch` consecutive examples of `order`."""
+    real = padded = 0
+    for start in range(0, len(order), batch):
+        chunk = [lengths[i] for i in order[start : start + batch]]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 1.0 - real / padded if padded else 0.0
 
 
 def steps_per_epoch(n: int, global_batch: int) -> int:

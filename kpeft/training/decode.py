@@ -162,22 +162,38 @@ def _decode_seq2seq_batch(model, inputs, max_new_tokens, stop, pad_id, start_id)
 
 
 # ---------------------------------------------------------------- greedy or beam (docs/decoding.md)
+def by_length(run, prompts: Sequence[Sequence[int]], kwargs: dict) -> list[list[int]]:
+    """``run(prompts, kwargs)`` on the prompts sorted by length (longest first, so a batch pads
+    little), the outputs returned in the original order (``token_types`` are reordered alike).
+    Batched decoding gives every prompt the tokens it gets alone, so the order changes no output."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    kw = dict(kwargs)
+    if kw.get("token_types") is not None:
+        kw["token_types"] = [kw["token_types"][i] for i in order]
+    outputs = run([prompts[i] for i in order], kw)
+    result: list[list[int]] = [[] for _ in prompts]
+    for j, i in enumerate(order):
+        result[i] = outputs[j]
+    return result
+
+
 def decode(model, prompts: Sequence[Sequence[int]], settings=None, **kwargs) -> list[list[int]]:
     """Continuations of `prompts` under ``settings`` (a :class:`~kpeft.training.beam.DecodeSettings`;
-    None = greedy): :func:`greedy_decode` for one beam, else :func:`~kpeft.training.beam.beam_decode`.
+    None = greedy): :func:`greedy_decode` for one beam, else :func:`~kpeft.training.beam.beam_decode`,
+    the prompts decoded longest first (:func:`by_length`).
     ``kwargs`` are theirs (``max_new_tokens``, ``stop_ids``, ``pad_id``, ``token_types``, ...)."""
     from kpeft.training.beam import beam_decode
 
     if settings is None or settings.greedy:
-        return greedy_decode(model, prompts, **kwargs)
-    return beam_decode(model, prompts, settings, **kwargs)
+        return by_length(lambda p, kw: greedy_decode(model, p, **kw), prompts, kwargs)
+    return by_length(lambda p, kw: beam_decode(model, p, settings, **kw), prompts, kwargs)
 
 
 def decode_seq2seq(model, inputs: Sequence[Sequence[int]], settings=None, **kwargs) -> list[list[int]]:
     """As :func:`decode` for an encoder-decoder: :func:`greedy_decode_seq2seq` or
-    :func:`~kpeft.training.beam.beam_decode_seq2seq`."""
+    :func:`~kpeft.training.beam.beam_decode_seq2seq`, inputs sorted by length."""
     from kpeft.training.beam import beam_decode_seq2seq
 
     if settings is None or settings.greedy:
-        return greedy_decode_seq2seq(model, inputs, **kwargs)
-    return beam_decode_seq2seq(model, inputs, settings, **kwargs)
+        return by_length(lambda p, kw: greedy_decode_seq2seq(model, p, **kw), inputs, kwargs)
+    return by_length(lambda p, kw: beam_decode_seq2seq(model, p, settings, **kw), inputs, kwargs)

@@ -31,7 +31,14 @@ from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel
 from kpeft.tasks import Task
 from kpeft.training import checkpoint as ckpt
-from kpeft.training.data import epoch_order, eval_batches, step_batches, steps_per_epoch
+from kpeft.training.data import (
+    epoch_order,
+    eval_batches,
+    length_grouped_order,
+    padding_fraction,
+    step_batches,
+    steps_per_epoch,
+)
 from kpeft.training.memory import enable_gradient_checkpointing
 from kpeft.training.optim import build_optimizer, linear_schedule, warmup_steps
 from kpeft.training.selection import improves, mode
@@ -76,6 +83,21 @@ def make_accelerator(tcfg: DictConfig) -> Accelerator:
         cpu=not torch.cuda.is_available(),  # without it, torchrun on CPUs would not form a gloo group
         mixed_precision=mp, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
     )
+
+
+class OneForward:
+    """Calls `model` once per set of input tensors: a second call with the very same tensors (the
+    loss, the metrics and the example scores of one evaluation batch) reuses the first output."""
+
+    def __init__(self, model):
+        self.model, self.inputs, self.output = model, None, None
+
+    def __call__(self, **inputs):
+        same = self.inputs is not None and self.inputs.keys() == inputs.keys() and all(
+            self.inputs[k] is v for k, v in inputs.items())
+        if not same:
+            self.inputs, self.output = inputs, self.model(**inputs)
+        return self.output
 
 
 class Trainer:
@@ -144,31 +166,34 @@ class Trainer:
                                                     accelerator=self.acc)
             metrics["loss"] = self.evaluate_loss(split)
             return metrics
+        # One forward per batch serves the metrics, the loss and the per-example scores of a classifier.
+        model = OneForward(self.model) if self.task.kind == "classification" else self.model
         totals: dict[str, float] = {}
+        loss = torch.zeros(2, dtype=torch.float64, device=self.acc.device)
+        rows: list[dict[str, Any]] | None = [] if save_examples else None
         for batch in eval_batches(self.splits[split], self.tcfg.eval_batch_size, self.acc.process_index,
                                   self.world, self.task.collate):
-            for k, v in self.task.batch_metrics(self.model, self._to_device(batch)).items():
+            batch = self._to_device(batch)
+            for k, v in self.task.batch_metrics(model, batch).items():
                 totals[k] = totals.get(k, 0.0) + v
+            loss_sum, count = self.task.loss(model, batch)
+            loss += torch.tensor([float(loss_sum), count], dtype=torch.float64, device=self.acc.device)
+            if rows is not None:
+                scored = self.task.example_scores(model, batch)
+                rows = None if scored is None else rows + scored
         keys = sorted(totals)
         vec = self.acc.reduce(torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=self.acc.device), "sum")
         metrics = self.task.finalize(dict(zip(keys, vec.tolist())))
-        metrics["loss"] = self.evaluate_loss(split)
-        if save_examples:
-            self._write_example_scores(split)
+        loss = self.acc.reduce(loss, "sum")
+        metrics["loss"] = float(loss[0] / loss[1]) if loss[1] > 0 else math.nan
+        if rows is not None:
+            self._write_example_scores(split, rows)
         return metrics
 
-    def _write_example_scores(self, split: str) -> None:
+    def _write_example_scores(self, split: str, rows: list[dict[str, Any]]) -> None:
         """``<run_dir>/predictions/<split>.jsonl``: one row per example in split order (index,
         prediction, label, score), gathered from every process; the paired bootstrap reads it."""
-        rows: list[dict[str, Any]] = []
         mine = list(range(self.acc.process_index, len(self.splits[split]), self.world))
-        batches = eval_batches(self.splits[split], self.tcfg.eval_batch_size, self.acc.process_index,
-                               self.world, self.task.collate)
-        for batch in batches:
-            scored = self.task.example_scores(self.model, self._to_device(batch))
-            if scored is None:
-                return
-            rows.extend(scored)
         for index, row in zip(mine, rows):
             row["index"] = index
         if self.world > 1:
@@ -213,7 +238,7 @@ class Trainer:
         examples = self.splits["train"]
         has_val = len(self.splits.get("validation", [])) > 0
         while state.epoch < self.epochs and not state.stopped_early:
-            order = epoch_order(len(examples), self.cfg.seed, state.epoch)
+            order = self.epoch_order(state.epoch)
             self.model.train()
             start = time.perf_counter()
             while state.step_in_epoch < self.steps_per_epoch and state.global_step < self.total_steps \
@@ -245,6 +270,20 @@ class Trainer:
             state.train_seconds += time.perf_counter() - start
             self._end_epoch(state, logger, has_val)
             ckpt.save_training_state(last_dir, self.adapted, self.optimizer, self.scheduler, asdict(state), self.cfg, self.acc)
+
+    @property
+    def group_by_length(self) -> bool:
+        """``train.group_by_length``; unset: on for generation tasks (causal LM, seq2seq)."""
+        flag = self.tcfg.get("group_by_length")
+        return self.task.kind in ("causal_lm", "seq2seq") if flag is None else bool(flag)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The example order of `epoch`: shuffled, length-grouped with :attr:`group_by_length`."""
+        examples = self.splits["train"]
+        if not self.group_by_length:
+            return epoch_order(len(examples), self.cfg.seed, epoch)
+        lengths = [len(e["input_ids"]) for e in examples]
+        return length_grouped_order(lengths, self.cfg.seed, epoch, self.tcfg.batch_size)
 
     def _optimizer_step(self, examples: list, order: list[int], step: int) -> float:
         micro = step_batches(examples, order, step, self.tcfg.batch_size, self.tcfg.grad_accum,
@@ -346,8 +385,14 @@ class Trainer:
             "selected_by": by, "select_mode": mode(by), "best_score": state.best_score,
             "stopped_early": state.stopped_early,
             "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
+            "group_by_length": self.group_by_length, "padding_fraction": round(self.padding_fraction(), 4),
         }
         if not validated:
             out["selection_note"] = ("no validation split (or train.eval_every_epoch=false): "
                                      "the last checkpoint is used; best_val_loss is null")
         return out
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """The share of pad tokens in the training batches of `epoch` (global batches)."""
+        lengths = [len(e["input_ids"]) for e in self.splits["train"]]
+        return padding_fraction(lengths, self.epoch_order(epoch), self.tcfg.batch_size)
