@@ -168,6 +168,8 @@ class GlueText2Text(Glue):
     """A GLUE task as text-to-text for an encoder-decoder (see the module docstring): the same
     records and split protocols as :class:`~kpeft.tasks.glue.Glue`, encoded in T5's format."""
 
+    generates = True
+
     @property
     def kind(self) -> str:
         return "seq2seq"
