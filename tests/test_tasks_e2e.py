@@ -18,8 +18,8 @@ from kpeft.errors import KpeftError
 from kpeft.methods import apply_method
 from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
-from kpeft.train import adapt_to_task
 from kpeft.tasks.e2e import pairs_from_hub, parse_mr, read_csv
+from kpeft.train import adapt_to_task
 
 DATA = FIXTURES / "e2e"
 GPT2 = PACKAGED_TOKENIZERS["gpt2"]

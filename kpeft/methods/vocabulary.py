@@ -137,6 +137,7 @@ def add_vocabulary_rows(adapted: AdaptedModel, n_original: int, n_tokens: int, t
     if head is not None and head.weight is not embed.weight:
         raise KpeftError("task tokens need an LM head tied to the input embedding (tie_word_embeddings=true); "
                          f"{type(model).__name__}'s is untied")
+    _replay_resize_draws(total, embed.weight)
     rows = VocabularyRows(first, total, embed.embedding_dim, std, embed.weight.device, embed.weight.dtype)
     model.set_input_embeddings(ExtendedEmbedding(embed, rows))
     if head is not None:
@@ -147,6 +148,16 @@ def add_vocabulary_rows(adapted: AdaptedModel, n_original: int, n_tokens: int, t
         embed.weight.requires_grad_(True)
         adapted.mark_gradient_only(embed.weight)
     return rows
+
+
+def _replay_resize_draws(total: int, weight: torch.Tensor) -> None:
+    """Draw the random numbers ``resize_token_embeddings(total, mean_resizing=False)`` drew before
+    the rows were initialised in earlier kpeft versions (a new ``nn.Embedding``, then the model's
+    init of it): the rows and every later draw (dropout) are then those of those versions' runs."""
+    if weight.device.type != "meta" and total > weight.shape[0]:
+        scratch = torch.empty(total, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        scratch.normal_()
+        scratch.normal_()
 
 
 @contextlib.contextmanager
