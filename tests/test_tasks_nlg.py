@@ -14,8 +14,8 @@ from kpeft.backbones.loading import load_model, load_tokenizer
 from kpeft.methods import apply_method
 from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
-from kpeft.train import adapt_to_task
 from kpeft.tasks.nlg import ALL_SPECIAL_TOKENS, build_example
+from kpeft.train import adapt_to_task
 
 GPT2 = PACKAGED_TOKENIZERS["gpt2"]
 WEBNLG, COQA, CNNDM = FIXTURES / "webnlg2017", FIXTURES / "coqa", FIXTURES / "cnn_dm" / "stories"

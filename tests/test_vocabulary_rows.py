@@ -92,3 +92,12 @@ def test_folded_is_the_plain_resized_model(make_cfg):
         assert embed.weight.shape == (len(task.tokenizer), 32)
         torch.testing.assert_close(logits(model, task), here, rtol=0, atol=1e-6)
     assert isinstance(adapted.model.get_input_embeddings(), ExtendedEmbedding)
+
+
+def test_adapters_of_earlier_versions_still_load(make_cfg):
+    """Before the rows were their own parameter, adapters held them as ``transformer.wte.weight``."""
+    _, adapted, task, _ = webnlg(make_cfg)
+    state = adapted.adapter_state_dict()
+    rows = state.pop("transformer.wte.rows.weight")
+    adapted.load_adapter_state_dict({**state, "transformer.wte.weight": rows + 1})
+    assert torch.equal(adapted.model.get_input_embeddings().rows.weight.detach(), rows + 1)

@@ -158,6 +158,8 @@ class AdaptedModel:
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.merged:
             raise RuntimeError("unmerge() before loading: the merged weights hold the old deltas")
+        for comp in self.all_components():
+            state = comp.upgrade_state(self.model, state)
         params = dict(self.trainable_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))

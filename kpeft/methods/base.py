@@ -34,6 +34,11 @@ class Component(nn.Module):
         methods such as prefix-tuning)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def upgrade_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An adapter state saved by an earlier kpeft version, under this version's names
+        (unchanged by default)."""
+        return state
+
     def resident_tensors(self) -> list[torch.Tensor]:
         """Tensors the component keeps alive outside its parameters and buffers (memory
         accounting, e.g. SAID's regenerated random projection); none by default."""

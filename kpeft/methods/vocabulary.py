@@ -50,6 +50,15 @@ class VocabularyRows(ParameterComponent):
     def select(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(())
 
+    def upgrade_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Adapters of earlier versions hold these rows as ``<embedding>.weight`` (the trained
+        rows of the resized matrix): the same numbers, now ``<embedding>.rows.weight``."""
+        name = next(n for n, m in model.named_modules() if m is self)
+        old = name.rpartition(".")[0] + ".weight"
+        if f"{name}.weight" not in state and old in state and state[old].shape == self.weight.shape:
+            state = {(f"{name}.weight" if k == old else k): v for k, v in state.items()}
+        return state
+
 
 class ExtendedEmbedding(nn.Module):
     """The frozen embedding's first ``first`` rows, then the component's rows."""
