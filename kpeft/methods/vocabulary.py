@@ -143,6 +143,8 @@ def add_vocabulary_rows(adapted: AdaptedModel, n_original: int, n_tokens: int, t
         with torch.no_grad():
             model.get_input_embeddings().weight[first:].normal_(0.0, std)
         return None
+    if total <= first:  # nothing new to embed
+        return None
     if head is not None and head.weight is not embed.weight:
         raise KpeftError("task tokens need an LM head tied to the input embedding (tie_word_embeddings=true); "
                          f"{type(model).__name__}'s is untied")
