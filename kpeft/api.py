@@ -26,6 +26,7 @@ from kpeft.config import COMPONENT_SCHEMAS, Config, MethodConfig
 from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.methods.vocabulary import add_vocabulary_rows
+from kpeft.records import output_mode
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "kpeft_adapter.yaml"
@@ -107,6 +108,7 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path) -> Path:
         adapted.unmerge()
     try:
         save_file(adapted.adapter_state_dict(), str(directory / ADAPTER_FILE))
+        output_mode(directory / ADAPTER_FILE)
     finally:
         if was_merged:
             adapted.merge()

@@ -36,6 +36,11 @@ def check_choices(overrides: Sequence[str]) -> None:
         key, sep, value = item.lstrip("+~").partition("=")
         if not sep or key not in GROUPS or value in ("", "null"):
             continue
+        if key == "experiment":  # a name without a preset is an experiment of your own (a new folder)
+            from kpeft.experiments.own import register_own
+
+            register_own([f"experiment={value}"])
+            continue
         for name in value.split(","):
             name = name.strip()
             if name and name not in available(key):
@@ -141,6 +146,9 @@ def budgets_sizing(section: str) -> list[str]:
 
 def check_method_fits_budget(cfg: DictConfig) -> None:
     """Resolve the method's sizes; a budget that does not size the method is an error."""
+    if cfg.budget.get("name") == "match" and cfg.budget.get("target") is None:
+        raise KpeftError("budget=match needs a target: add budget.target=<count> or budget.target=<pct>% "
+                         "(e.g. budget.target=0.34%)")
     try:
         OmegaConf.to_container(cfg.method, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:

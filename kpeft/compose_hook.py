@@ -57,6 +57,10 @@ def _with_tables(cfg: DictConfig, overrides: list[Override]) -> DictConfig:
 
     cfg = apply_method_train(cfg)
     _reapply(cfg, overrides)
+    if cfg.budget.get("name") == "match" and cfg.budget.get("target") is not None:
+        from kpeft.budget_match import solve  # counts on the meta device: only for budget=match
+
+        cfg = solve(cfg)
     return cfg
 
 
@@ -91,6 +95,10 @@ def _identity(self: ConfigLoaderImpl, cfg: DictConfig, config_name: str | None, 
 @functools.wraps(_original)
 def load_configuration(self: ConfigLoaderImpl, config_name: str | None, overrides: list[str], run_mode: RunMode,
                        from_shell: bool = True, validate_sweep_overrides: bool = True) -> DictConfig:
+    if config_name == "config":  # kpeft's root config: experiment=NAME without a preset file
+        from kpeft.experiments.own import register_own
+
+        register_own(overrides)
     cfg = _original(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
     if not _is_kpeft(cfg):
         return cfg

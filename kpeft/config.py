@@ -457,6 +457,8 @@ class BudgetConfig:
     name: str = MISSING
     description: str = ""
     paper_pct: float | None = None  # the percentage the papers print for this budget
+    target: Any = None  # budget=match: a count or "<pct>%" to solve the sizes for (kpeft/budget_match.py)
+    achieved: int | None = None  # budget=match: the solved sizes' count
     lora: LoRASize = field(default_factory=LoRASize)
     # ---- Kernel-wise / Kernel-mix sizes ----
     # Kernel-mix Table B.5, one section per method; a budget without the section cannot meet it.
@@ -527,7 +529,14 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     label_smoothing: float = 0.0
     eval_every_epoch: bool = True
-    early_stopping_patience: int = 5  # epochs without a better validation loss; 0 = off
+    # Also validate every this many optimizer steps (0 = at epoch ends only; docs/experiments.md).
+    eval_every_steps: int = 0
+    # Which checkpoint is best (and what early stopping watches): val_loss, or a validation metric of
+    # the task (e.g. bleu_all, accuracy); lower-is-better metrics (loss, ter) are minimised.
+    select_by: str = "val_loss"
+    # Generation tasks validated by a metric: decode only the first N validation items (null: all).
+    val_generation_examples: int | None = 200
+    early_stopping_patience: int = 5  # validations without a better select_by value; 0 = off
     checkpoint_every_steps: int = 200  # resumable checkpoints (always at epoch ends too)
     eval_before_training: bool = False  # also score the untrained model (demo)
     eval_only: bool = False  # no training: evaluate the model as loaded (method=zero_shot rows)

@@ -48,11 +48,20 @@ def format_count(cfg: DictConfig, count: ParamCount) -> str:
     return "\n".join(
         [
             f"model={cfg.model.name} method={cfg.method.name} budget={cfg.budget.name}",
+            *_solved_sizes(cfg),
             f"total {count.total:,}",
             f"trainable {count.trainable:,} ({count.trainable_pct:.2f}%)",
             f"stored {count.stored:,} ({count.stored_pct:.2f}%)",
         ]
     )
+
+
+def _solved_sizes(cfg: DictConfig) -> list[str]:
+    """``budget=match``: the sizes solved for the target (kpeft/budget_match.py)."""
+    if cfg.budget.name != "match" or cfg.budget.get(cfg.method.name) is None:
+        return []
+    sizes = ", ".join(f"{k}={v}" for k, v in cfg.budget[cfg.method.name].items())
+    return [f"sizes {sizes} (solved for budget.target={cfg.budget.target})"]
 
 
 @user_errors

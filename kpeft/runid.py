@@ -26,7 +26,7 @@ NON_SEMANTIC: tuple[str, ...] = (
     "budget",  # all sizes of all methods; the method's own are in the resolved `method`
 )
 # Kept from the non-semantic subtrees above: the budget's name is part of a run's identity.
-KEPT: tuple[str, ...] = ("budget.name",)
+KEPT: tuple[str, ...] = ("budget.name", "budget.target")  # budget=match: the target sizes the method
 # Free-text keys, at any depth.
 TEXT_KEYS: frozenset[str] = frozenset({"description"})
 OVERRIDES_FILE = "overrides.txt"

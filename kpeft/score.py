@@ -7,13 +7,14 @@ one JSON object:
   METEOR and TER fractions; one output line per test entry, in the official XML order);
 * ``e2e`` — ``{"bleu", "nist", "meteor", "rouge_l", "cider"}`` (the challenge's e2e-metrics; one
   output line per unique test MR, in first-appearance order);
-* ``coqa`` — ``{"em", "f1", "turns", "in_domain": {…}, "out_domain": {…}, "domains": {…}}``
+* ``coqa`` — ``{"em", "f1", "turns", "missing", "in_domain": {…}, "out_domain": {…}, "domains": {…}}``
   (the official JSON list ``[{"id", "turn_id", "answer"}]``);
 * ``cnndm`` — ``{"rouge1", "rouge2", "rougeL", "rougeLsum", "rouge2_vglm"}`` (one summary per line);
 * ``glue_<t>`` — the task's metrics, e.g. ``{"mcc"}``, ``{"f1", "accuracy"}``, ``{"mnli_m",
   "mnli_mm"}`` (one label or score per line).
 
-The other arguments are Hydra overrides of the run config (``task.options.meteor=off``, …).
+Before it, one ``name: value`` line per metric, rounded as the official scorers print them (2
+decimals; CoQA's 1); the JSON keeps the full precision. The other arguments are Hydra overrides of the run config (``task.options.meteor=off``, …).
 """
 
 from __future__ import annotations
@@ -57,9 +58,25 @@ def score(argv: Sequence[str]) -> dict[str, Any]:
     return task.score(task.read_predictions(predictions), canonical_split(cfg.split))
 
 
+def display(result: dict[str, Any], digits: int = 2, prefix: str = "") -> list[str]:
+    """``name: value`` lines, floats rounded to `digits` (display only; the JSON is not rounded)."""
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, dict):
+            lines += display(value, digits, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            lines.append(f"{prefix}{key}: {value:.{digits}f}")
+        else:
+            lines.append(f"{prefix}{key}: {value}")
+    return lines
+
+
 @user_errors
 def main(argv: Sequence[str] | None = None) -> None:
-    result = score(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    result = score(args)
+    digits = 1 if "task=coqa" in args else 2
+    print("\n".join(display(result, digits)))
     print(json.dumps(result))
 
 

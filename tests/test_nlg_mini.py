@@ -125,8 +125,9 @@ def test_nlg_mini_preset_end_to_end_on_a_tiny_llama(tmp_path, webnlg_dir, byte_t
                            "seed=1", *tiny], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = tmp_path / "nlg_mini" / "webnlg" / "tiny_llama"
-    zero = json.loads((runs / "zero_shot-smollm2" / "seed1" / "record.json").read_text())
-    lora = json.loads((runs / "lora-smollm2" / "seed1" / "record.json").read_text())
+    (zero_file,) = (runs / "zero_shot-smollm2").glob("seed1*/record.json")  # a -<hash> suffix: tiny overrides
+    (lora_file,) = (runs / "lora-smollm2").glob("seed1*/record.json")
+    zero, lora = json.loads(zero_file.read_text()), json.loads(lora_file.read_text())
     assert zero["status"] == lora["status"] == "complete"
     assert zero["training"]["steps"] == 0 and zero["params"]["trainable"] == 0
     assert lora["training"]["steps"] == 3 and lora["params"]["trainable"] > 0

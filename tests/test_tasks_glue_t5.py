@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,8 +239,9 @@ def test_krona_recipe_trains_and_scores_tiny_t5_end_to_end(make_cfg, folders, tm
     assert record["status"] == "complete" and record["metric"] == "accuracy"
     test = record["metrics"]["test"]
     assert set(test) == {"accuracy", "invalid", "loss"} and record["score"] == test["accuracy"]
-    rows = [json.loads(line) for line in (tmp_path / "runs" / "krona_glue" / "glue_rte" / "tiny_t5" / "krona-t5_glue"
-                                          / "seed1" / "predictions" / "test.jsonl").read_text().splitlines()]
+    run_dir = Path(record["run_dir"])
+    assert run_dir.parent == tmp_path / "runs" / "krona_glue" / "glue_rte" / "tiny_t5" / "krona-t5_glue"
+    rows = [json.loads(line) for line in (run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     task = task_class(cfg.task)(cfg.task, load_tokenizer(cfg.model))
     gold = [r["label"] for r in task.records("test")[:6]]
     assert [r["index"] for r in rows] == list(range(6)) and [r["label"] for r in rows] == gold
@@ -288,7 +290,8 @@ def test_krona_mnli_command_on_t5_base_random_init(tmp_path):
         f"task.data_dir={mnli_folder(GLUE, tmp_path)}", "task.options.max_train_examples=8",
         "task.options.max_eval_examples=4", "task.options.max_new_tokens=3", "train.batch_size=4", "train.epochs=1",
         "train.eval_batch_size=4", root=tmp_path / "runs", timeout=1200)
-    assert run_dir == tmp_path / "runs" / "default" / "glue_mnli" / "t5_base" / "krona-t5_glue" / "seed123"
+    assert run_dir.parent == tmp_path / "runs" / "default" / "glue_mnli" / "t5_base" / "krona-t5_glue"
+    assert run_dir.name.startswith("seed123-")  # the sample-size overrides give the run its own directory
     assert f"→  {run_dir / 'record.json'}" in stdout.splitlines()[-1]
     assert record["status"] == "complete" and record["params"]["trainable"] == 158_208
     assert set(record["metrics"]["test"]) >= {"accuracy", "mnli_m", "mnli_mm", "invalid"}

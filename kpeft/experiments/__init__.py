@@ -2,5 +2,6 @@
 
 ``spec`` (table layout, runs) · ``sweep`` (which runs a multirun launches; the Hydra sweeper is
 ``hydra_plugins/kpeft_sweeper``) · ``collect`` (records → values) · ``stats`` (mean ± std, Welch,
-paired bootstrap) · ``build`` (bold, significance) · ``render`` (Markdown, LaTeX) · ``figure``.
+paired bootstrap) · ``build`` (bold, significance) · ``render`` (Markdown, LaTeX) · ``figure`` ·
+``found`` (tables of whatever records match) · ``own`` (``experiment=NAME`` without a preset).
 """

@@ -9,6 +9,7 @@ import numpy as np
 
 from kpeft.experiments.collect import RowTask
 from kpeft.experiments.columns import standard
+from kpeft.experiments.provenance import mixed_provenance
 from kpeft.experiments.spec import Column, TableSpec, TaskColumns, row_budget
 from kpeft.experiments.stats import Summary, best_index, paired_bootstrap_p, summarize, welch_p
 
@@ -67,10 +68,29 @@ class TableView:
     failed: list[str]
     ignored: int  # complete records not counted (their config lacks the row's overrides, or another won)
     differs: list[str] = field(default_factory=list)  # "task method-budget: keys" of cells with mixed configs
+    made_by: list[str] = field(default_factory=list)  # mixed code / lock versions among the records (footer)
+    asked: int | None = None  # runs asked for, when not the spec's rows × tasks × seeds (tables of found records)
 
     @property
     def expected(self) -> int:
+        if self.asked is not None:
+            return self.asked
         return sum(len(t.seeds) for t in self.spec.tasks) * sum(len(g.rows) for g in self.spec.groups)
+
+
+def only_found(table: TableView, runs: dict[tuple[int, int, str], RowTask], used: int) -> TableView:
+    """A table of found records asks for exactly those: no missing runs but failed ones, and each
+    cell's count is its own records."""
+    keys = [(gi, ri) for gi, g in enumerate(table.spec.groups) for ri in range(len(g.rows))]
+    for (gi, ri), row in zip(keys, table.rows):
+        for cell, col in zip(row.cells, table.columns):
+            rt = runs.get((gi, ri, col.task))
+            if rt is not None:
+                cell.expected = len(rt.records) + len(rt.failed)
+    failed = {f.split(":", 1)[0] for f in table.failed}
+    table.missing = [m for m in table.missing if m in failed]
+    table.asked = used
+    return table
 
 
 def task_columns(task: TaskColumns) -> list[Column]:
@@ -111,7 +131,9 @@ def build(spec: TableSpec, model: str, runs: dict[tuple[int, int, str], RowTask]
                         if seed in rt.failed:
                             failed.append(f"{name}: {rt.failed[seed]}")
             rows.append(view)
-    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs)
+    used = [rec for rt in runs.values() for rec in rt.records.values()]
+    table = TableView(spec, model, columns, rows, missing, failed, ignored, differs,
+                      made_by=mixed_provenance(used))
     _mark(table, runs, n_boot)
     if spec.average:
         _add_average(table)

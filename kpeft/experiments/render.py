@@ -32,6 +32,10 @@ def _count(cell: CellView) -> str:
 
 
 def legend(table: TableView, n_boot: int = 1000) -> list[str]:
+    if not any(row.baseline for row in table.rows):
+        return ["Mean ± standard deviation over seeds; (k/n): only k of the n runs asked for have a record; "
+                f"{DASH}: none. Bold: the best mean of its group. No significance marks: no row is a "
+                "baseline (name one with --baseline, e.g. --baseline lora)."]
     return [
         "Mean ± standard deviation over seeds; (k/n): only k of the n runs asked for have a record; "
         f"{DASH}: none. Bold: the best mean of its budget group.",
@@ -96,6 +100,8 @@ def _status(table: TableView) -> str:
                  "or another config of the same run was chosen)")
     if table.differs:
         text += "; ‡ configs differ within a cell: " + "; ".join(table.differs)
+    for line in table.made_by:  # records of different code or environments (docs/reproduce.md)
+        text += f"; {line}"
     return text + "."
 
 

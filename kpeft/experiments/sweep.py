@@ -55,6 +55,7 @@ class Job:
     overrides: list[str]
     run_dir: Path
     done: bool  # a complete record of this config exists and force is off
+    config: DictConfig | None = None  # the job's composed config (its `hydra` node included)
 
 
 def plan(spec: TableSpec, arguments: Sequence[str], compose: Callable[[list[str]], DictConfig]) -> list[Job]:
@@ -68,7 +69,7 @@ def plan(spec: TableSpec, arguments: Sequence[str], compose: Callable[[list[str]
         run_dir = Path(cfg.run_dir)
         rec = read_record(run_dir)
         done = rec is not None and rec.get("status") == "complete" and not cfg.force and same_config(cfg, rec)
-        jobs.append(Job(cell, overrides, run_dir, done))
+        jobs.append(Job(cell, overrides, run_dir, done, cfg))
     return jobs
 
 
@@ -88,6 +89,33 @@ def outcome(jobs: Sequence[Job]) -> dict[str, list[Job]]:
         status = rec.get("status") if rec else None
         out[status if status in ("complete", "failed") else "missing"].append(job)
     return out
+
+
+def record_lost(jobs: Sequence[Job], error: str) -> list[Job]:
+    """After a launch: a ``failed`` record for each job that ended without a record (its process
+    died: killed, out of memory, a cluster's time limit), so that the table counts it and the next
+    sweep retries it. A directory that a live process holds (kpeft/runlock.py) is left alone.
+    Returns the jobs so recorded."""
+    from kpeft.records import write_record
+    from kpeft.runlock import RunLock, RunLocked
+    from kpeft.train import failed_record
+
+    lost = []
+    for job in jobs:
+        if job.config is None or read_record(job.run_dir) is not None:
+            continue
+        lock = RunLock(job.run_dir)
+        try:
+            lock.acquire()
+        except RunLocked:
+            continue
+        try:
+            cfg = OmegaConf.masked_copy(job.config, [k for k in job.config.keys() if k != "hydra"])
+            write_record(job.run_dir, failed_record(cfg, error, []))
+            lost.append(job)
+        finally:
+            lock.release()
+    return lost
 
 
 def describe(job: Job) -> str:

@@ -8,7 +8,8 @@
   token: 1 when both have none, else 0).
 * n > 1 gold answers: for each i, the best score against the other n − 1 answers, averaged over
   the n choices (so matching one annotator exactly can score below 1); one gold: plain comparison.
-* A gold turn without a prediction scores 0; predictions for unknown turns are ignored; a later
+* A gold turn without a prediction scores 0, with the official warning on stderr
+  (``Missing prediction for <id> and turn_id: <turn>``) and a count (``missing``); predictions for unknown turns are ignored; a later
   duplicate prediction overwrites an earlier one.
 * Aggregation: per source domain, in-domain (children_stories, literature, mid-high_school, news,
   wikipedia), out-of-domain (reddit, science), **overall = mean over all turns**; every value is
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -114,11 +116,13 @@ def _pct(total: float, count: int) -> float:
 
 
 def evaluate(golds: Mapping[Key, Sequence[str]], sources: Mapping[str, str], predictions: Mapping[Key, str]) -> dict[str, Any]:
-    """``{"em", "f1", "turns", "in_domain": {...}, "out_domain": {...}, "domains": {name: {...}}}``
-    with the official rounding; ``em``/``f1`` are the official ``overall``."""
+    """``{"em", "f1", "turns", "missing", "in_domain": {...}, "out_domain": {...}, "domains": {...}}``
+    with the official rounding; ``em``/``f1`` are the official ``overall``; ``missing`` counts the
+    gold turns without a prediction (scored 0, each warned about on stderr)."""
     em_tot = {s: 0.0 for s in DOMAIN_NAMES}
     f1_tot = {s: 0.0 for s in DOMAIN_NAMES}
     turns = dict.fromkeys(DOMAIN_NAMES, 0)
+    missing = 0
     for key, gold in golds.items():
         source = sources[key[0]]
         if key in predictions:
@@ -126,8 +130,8 @@ def evaluate(golds: Mapping[Key, Sequence[str]], sources: Mapping[str, str], pre
             em_tot[source] += em
             f1_tot[source] += f
         else:
-            em_tot[source] += 0
-            f1_tot[source] += 0
+            print(f"Missing prediction for {key[0]} and turn_id: {key[1]}", file=sys.stderr)
+            missing += 1
         turns[source] += 1
 
     domains: dict[str, dict[str, float]] = {}
@@ -145,4 +149,5 @@ def evaluate(golds: Mapping[Key, Sequence[str]], sources: Mapping[str, str], pre
         out[name] = {"em": _pct(em_sum, n), "f1": _pct(f1_sum, n), "turns": n}
     (in_em, in_f1, in_n), (out_em, out_f1, out_n) = groups["in_domain"], groups["out_domain"]
     n = in_n + out_n
-    return {"em": _pct(in_em + out_em, n), "f1": _pct(in_f1 + out_f1, n), "turns": n, **out, "domains": domains}
+    return {"em": _pct(in_em + out_em, n), "f1": _pct(in_f1 + out_f1, n), "turns": n, "missing": missing,
+            **out, "domains": domains}

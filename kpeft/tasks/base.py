@@ -44,6 +44,8 @@ class Task:
     needs_tokenizer: bool = True
     #: True: the task is evaluated on its generations (:meth:`evaluate_generation`), not on batches.
     generates: ClassVar[bool] = False
+    #: Set by the loop while validating by a metric: generate for the first so many items only.
+    generation_limit: int | None = None
     #: The model's input positions (set by ``kpeft.train.build`` before :meth:`load_splits`);
     #: None: no limit besides ``task.max_length`` (see :mod:`kpeft.tasks.lengths`).
     max_positions: int | None = None

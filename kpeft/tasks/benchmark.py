@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kpeft import datafiles
 from kpeft.errors import KpeftError
 from kpeft.tasks.base import Example, Task
 
@@ -40,13 +41,15 @@ def load_hub(path: str, name: str | None = None, layout: str = "") -> Any:
             f"loading '{path}' from the hub needs `pip install datasets`; or pass task.data_dir=DIR with {layout}"
         ) from None
     try:
-        return datasets.load_dataset(path, name)
+        dataset = datasets.load_dataset(path, name)
     except Exception as err:  # network, missing dataset, ...: all mean "use the official files"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise KpeftError(
             f"could not load '{path}'{f' ({name})' if name else ''} from the hub ({first}); "
             f"without the hub pass task.data_dir=DIR with {layout}"
         ) from None
+    datafiles.note_hub(path, name, dataset)
+    return dataset
 
 
 def read_text(path: str | Path, encoding: str = "utf-8") -> str:
@@ -55,11 +58,13 @@ def read_text(path: str | Path, encoding: str = "utf-8") -> str:
     if not path.is_file():
         raise KpeftError(f"file '{path}' {'is a folder' if path.is_dir() else 'does not exist'}; pass a text file")
     try:
-        return path.read_text(encoding=encoding)
+        text = path.read_text(encoding=encoding)
     except UnicodeDecodeError as err:
         raise KpeftError(f"file '{path}' is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise KpeftError(f"cannot read '{path}' ({err.strerror}); check its permissions") from None
+    datafiles.note_file(path)  # its hash goes into the run's record
+    return text
 
 
 def read_lines(path: str | Path) -> list[str]:

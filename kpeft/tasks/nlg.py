@@ -257,6 +257,8 @@ class NLGTask(BenchmarkTask):
         metrics every process returns (the same numbers as one process decoding everything)."""
         model.eval()
         records = self._cap(self.generation_records(split), split)
+        if self.generation_limit:  # validation by a metric (train.val_generation_examples)
+            records = records[: int(self.generation_limit)]
         if not records:
             return {}
         batch_size = int(self.options.get("generation_batch_size") or batch_size)

@@ -248,6 +248,8 @@ class GlueText2Text(Glue):
         model.eval()
         split = canonical_split(split)
         records = self._cap(self.records(split), split)
+        if self.generation_limit:  # validation by a metric (train.val_generation_examples)
+            records = records[: int(self.generation_limit)]
         if not records:
             return {}
         encoded = getattr(self, "_encoded", {}).get(split) or self.encode(records, split)

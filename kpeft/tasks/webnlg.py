@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kpeft import datafiles
 from kpeft.errors import KpeftError
 from kpeft.metrics import webnlg as metric
 from kpeft.tasks.benchmark import Record, canonical_split, read_text
@@ -77,6 +78,7 @@ def entries_from_xml(path: Path, prefix: str = "") -> list[Record]:
         root = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise KpeftError(f"WebNLG file '{path}' is not valid XML ({err})") from None
+    datafiles.note_file(path)
     out = []
     for xml_entry in root.iter("entry"):
         lexes = [

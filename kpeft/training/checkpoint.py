@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel
+from kpeft.records import output_mode
 
 ADAPTER_FILE = "adapter.safetensors"
 # Keys that may change between a run and its resumption without changing its results.
@@ -66,6 +67,7 @@ def save_adapter(directory: Path, adapted: AdaptedModel, cfg: DictConfig) -> Non
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(adapted.adapter_state_dict(), str(tmp / ADAPTER_FILE))
+    output_mode(tmp / ADAPTER_FILE)
     OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
     _replace_dir(tmp, directory)
 
@@ -134,6 +136,7 @@ def save_training_state(
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         save_file(adapted.adapter_state_dict(), str(tmp / ADAPTER_FILE))
+        output_mode(tmp / ADAPTER_FILE)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"loop": loop_state, "config": fingerprint(cfg)}, indent=1))
     accelerator.wait_for_everyone()

@@ -3,8 +3,11 @@
 Per optimizer step it consumes one global batch (``train.batch_size`` examples split over
 processes and ``train.grad_accum`` micro-batches), normalises the summed loss by the global
 number of scored units (examples or target tokens), clips, steps AdamW and the linear
-warm-up/decay schedule. Each epoch ends with the validation loss (model selection, early
-stopping); checkpoints every ``train.checkpoint_every_steps`` steps and at epoch ends make a
+warm-up/decay schedule. Each epoch ends (and, with ``train.eval_every_steps``, every so many steps
+go on) with a validation: the loss, and the ``train.select_by`` metric when the best checkpoint is
+chosen by one (:mod:`kpeft.training.selection`; generation tasks decode the first
+``train.val_generation_examples`` items); it picks the best checkpoint and drives early stopping;
+checkpoints every ``train.checkpoint_every_steps`` steps and at epoch ends make a
 killed run resumable with identical results.
 """
 
@@ -31,6 +34,7 @@ from kpeft.training import checkpoint as ckpt
 from kpeft.training.data import epoch_order, eval_batches, step_batches, steps_per_epoch
 from kpeft.training.memory import enable_gradient_checkpointing
 from kpeft.training.optim import build_optimizer, linear_schedule, warmup_steps
+from kpeft.training.selection import improves, mode
 from kpeft.training.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,10 @@ class LoopState:
     global_step: int = 0
     best_val_loss: float = math.inf
     best_epoch: int = -1
-    bad_epochs: int = 0
+    bad_epochs: int = 0  # validations in a row without a better select_by value
+    best_score: float | None = None  # the best select_by value
+    best_step: int = -1
+    last_val_step: int = -1
     stopped_early: bool = False
     train_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -122,8 +129,9 @@ class Trainer:
 
     @parametrize.cached()
     @torch.no_grad()
-    def evaluate(self, split: str = "test", save_examples: bool = False) -> dict[str, float]:
-        """The task's metrics (and NLL) on a split, summed over all processes; with `save_examples`
+    def evaluate(self, split: str = "test", save_examples: bool | None = False) -> dict[str, float]:
+        """The task's metrics (and NLL) on a split, summed over all processes (`save_examples` None:
+        nothing written, as for validations); with `save_examples`
         a classification task's per-example scores go to ``<run_dir>/predictions/<split>.jsonl``.
 
         A task with ``generates`` (the NLG tasks, :mod:`kpeft.tasks.nlg`) is scored on its generations
@@ -131,7 +139,7 @@ class Trainer:
         every world-th item; the main one scores them all and writes ``<run_dir>/generations/``)."""
         self.model.eval()
         if self.task.generates:
-            run_dir = self.run_dir if self.acc.is_main_process else None
+            run_dir = self.run_dir if self.acc.is_main_process and save_examples is not None else None
             metrics = self.task.evaluate_generation(self.model, split, run_dir, self.tcfg.eval_batch_size,
                                                     accelerator=self.acc)
             metrics["loss"] = self.evaluate_loss(split)
@@ -208,7 +216,8 @@ class Trainer:
             order = epoch_order(len(examples), self.cfg.seed, state.epoch)
             self.model.train()
             start = time.perf_counter()
-            while state.step_in_epoch < self.steps_per_epoch and state.global_step < self.total_steps:
+            while state.step_in_epoch < self.steps_per_epoch and state.global_step < self.total_steps \
+                    and not state.stopped_early:
                 loss = self._optimizer_step(examples, order, state.step_in_epoch)
                 state.step_in_epoch += 1
                 state.global_step += 1
@@ -219,6 +228,14 @@ class Trainer:
                            {"train/loss": loss, "train/lr": lr})
                 if state.global_step == self.tcfg.crash_after_steps:
                     raise SimulatedCrash(f"simulated crash after step {state.global_step}")
+                every = self.tcfg.get("eval_every_steps") or 0
+                if every and has_val and state.global_step % every == 0 and state.step_in_epoch < self.steps_per_epoch:
+                    state.train_seconds += time.perf_counter() - start
+                    entry = {"epoch": state.epoch, "step": state.global_step}
+                    self._validate(state, logger, entry)
+                    state.history.append(entry)
+                    self.model.train()
+                    start = time.perf_counter()
                 if self.tcfg.checkpoint_every_steps and state.global_step % self.tcfg.checkpoint_every_steps == 0 \
                         and state.step_in_epoch < self.steps_per_epoch:
                     state.train_seconds += time.perf_counter() - start
@@ -266,26 +283,58 @@ class Trainer:
     def _end_epoch(self, state: LoopState, logger: MetricsLogger, has_val: bool) -> None:
         entry: dict[str, float] = {"epoch": state.epoch, "step": state.global_step}
         if has_val and self.tcfg.eval_every_epoch:
-            val = self.evaluate_loss("validation")
-            entry["val_loss"] = val
-            logger.log(state.global_step, state.epoch + 1, {"val/loss": val})
-            log.info("epoch %d: validation loss %.4f", state.epoch + 1, val)
-            if val < state.best_val_loss:
-                state.best_val_loss, state.best_epoch, state.bad_epochs = val, state.epoch, 0
-                self._save_best()
-            else:
-                state.bad_epochs += 1
-                patience = self.tcfg.early_stopping_patience
-                if patience and state.bad_epochs >= patience:
-                    state.stopped_early = True
-                    log.info("early stopping: no better validation loss for %d epochs", patience)
+            if state.last_val_step != state.global_step:  # not validated at this very step already
+                self._validate(state, logger, entry)
+                state.history.append(entry)
         else:  # no validation split: the last epoch is the best
-            state.best_epoch = state.epoch
+            state.best_epoch, state.best_step = state.epoch, state.global_step
             self._save_best()
-        state.history.append(entry)
+            state.history.append(entry)
         state.epoch += 1
         state.step_in_epoch = 0
         self.model.train()
+
+    def validation_metrics(self) -> dict[str, float]:
+        """The task's metrics on the validation split (generation tasks: its first
+        ``train.val_generation_examples`` items, nothing written)."""
+        cap = self.tcfg.get("val_generation_examples")
+        self.task.generation_limit = cap if self.task.generates else None
+        try:
+            return self.evaluate("validation", save_examples=None)
+        finally:
+            self.task.generation_limit = None
+
+    def _validate(self, state: LoopState, logger: MetricsLogger, entry: dict[str, float]) -> None:
+        """One validation: the loss (and the select_by metric); keep the best, count for early stopping."""
+        by = self.tcfg.get("select_by") or "val_loss"
+        val = self.evaluate_loss("validation")
+        entry["val_loss"] = val
+        logged = {"val/loss": val}
+        value = val
+        if by != "val_loss":
+            metrics = self.validation_metrics()
+            if not isinstance(metrics.get(by), (int, float)):
+                have = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))
+                raise KpeftError(f"train.select_by={by} is not a validation metric of task '{self.task.name}'; "
+                                 f"valid: val_loss, {have}")
+            value = float(metrics[by])
+            entry[f"val_{by}"] = value
+            logged[f"val/{by}"] = value
+        state.last_val_step = state.global_step
+        logger.log(state.global_step, state.epoch + state.step_in_epoch / self.steps_per_epoch, logged)
+        log.info("epoch %d step %d: validation loss %.4f%s", state.epoch + 1, state.global_step, val,
+                 "" if by == "val_loss" else f", {by} {value:.4f}")
+        if math.isfinite(val):
+            state.best_val_loss = min(state.best_val_loss, val)
+        if improves(value, state.best_score, by):
+            state.best_score, state.best_epoch, state.best_step, state.bad_epochs = value, state.epoch, state.global_step, 0
+            self._save_best()
+        else:
+            state.bad_epochs += 1
+            patience = self.tcfg.early_stopping_patience
+            if patience and state.bad_epochs >= patience:
+                state.stopped_early = True
+                log.info("early stopping: no better validation %s for %d validations", by, patience)
 
     def _save_best(self) -> None:
         if self.acc.is_main_process:
@@ -298,8 +347,17 @@ class Trainer:
             ckpt.load_adapter(best, self.adapted)
 
     def summary(self, state: LoopState) -> dict[str, Any]:
-        return {
+        by = self.tcfg.get("select_by") or "val_loss"
+        validated = state.best_score is not None
+        out = {
             "steps": state.global_step, "epochs": state.epoch, "best_epoch": state.best_epoch,
-            "best_val_loss": state.best_val_loss, "stopped_early": state.stopped_early,
+            "best_step": state.best_step,
+            "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+            "selected_by": by, "select_mode": mode(by), "best_score": state.best_score,
+            "stopped_early": state.stopped_early,
             "steps_per_epoch": self.steps_per_epoch, "world_size": self.world,
         }
+        if not validated:
+            out["selection_note"] = ("no validation split (or train.eval_every_epoch=false): "
+                                     "the last checkpoint is used; best_val_loss is null")
+        return out
