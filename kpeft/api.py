@@ -25,6 +25,7 @@ from kpeft.compose import available, check_method_fits_budget, compose
 from kpeft.config import COMPONENT_SCHEMAS, Config, MethodConfig
 from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel, apply_method
+from kpeft.methods.vocabulary import add_vocabulary_rows
 from kpeft.records import output_mode
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -116,20 +117,16 @@ def save_adapter(adapted: AdaptedModel, directory: str | Path) -> Path:
         "fidelity": getattr(adapted, "fidelity", "paper"),
         "model_type": adapted.model.config.model_type,
     }
-    rows = embedding_rows(adapted)
-    if rows is not None:
-        meta["embedding_rows"] = {"rows_from": rows[0], "rows": rows[1]}
+    if adapted.vocabulary is not None:
+        meta["embedding_rows"] = dict(adapted.vocabulary)
     OmegaConf.save(OmegaConf.create(meta), directory / META_FILE)
     return directory
 
 
 def embedding_rows(adapted: AdaptedModel) -> tuple[int, int] | None:
-    """(first trained row, number of rows) of the input embedding when only its new rows train
-    (the NLG task embeddings), else None."""
-    wte = adapted.model.get_input_embeddings().weight
-    if id(wte) in adapted._rows_from:
-        return adapted._rows_from[id(wte)], wte.shape[0]
-    return None
+    """(first new row, vocabulary size) when a task added tokens (the NLG task embeddings), else None."""
+    rows = adapted.vocabulary
+    return None if rows is None else (rows["rows_from"], rows["rows"])
 
 
 def typed_method(data: dict) -> DictConfig:
@@ -159,11 +156,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> AdaptedModel:
     adapted.method_cfg, adapted.fidelity = method, meta.get("fidelity", "paper")
     rows = meta.get("embedding_rows")
     if rows:
-        if model.get_input_embeddings().weight.shape[0] < rows["rows"]:
-            model.resize_token_embeddings(rows["rows"], mean_resizing=False)
-        wte = model.get_input_embeddings().weight
-        wte.requires_grad_(True)
-        adapted.mark_uncounted(wte, rows_from=rows["rows_from"])
+        add_vocabulary_rows(adapted, rows["rows_from"], rows["rows"], rows.get("token_types", True), adapted.fidelity)
     try:
         adapted.load_adapter_state_dict(load_file(str(directory / ADAPTER_FILE)))
     except (KeyError, RuntimeError) as err:

@@ -42,6 +42,7 @@ from kpeft.methods.base import AdaptedProjection, WeightComponent
 from kpeft.methods.kernelwise import KernelWise, KernelWiseLite, KernelWiseOut
 from kpeft.methods.kron import KronA
 from kpeft.methods.lowrank import LoRA
+from kpeft.methods.vocabulary import VocabularyRows, folded
 
 FORMATS = ("merged", "peft")
 
@@ -50,7 +51,7 @@ FORMATS = ("merged", "peft")
 @contextlib.contextmanager
 def plain_modules(adapted: AdaptedModel) -> Iterator[nn.Module]:
     """The model with every kpeft projection wrapper replaced by its frozen base module (branches
-    left out), restored afterwards."""
+    left out) and a task's vocabulary rows folded into a plain embedding, restored afterwards."""
     swapped: list[tuple[nn.Module, str, AdaptedProjection]] = []
     for parent in list(adapted.model.modules()):
         for attr, child in list(parent.named_children()):
@@ -58,7 +59,8 @@ def plain_modules(adapted: AdaptedModel) -> Iterator[nn.Module]:
                 swapped.append((parent, attr, child))
                 setattr(parent, attr, child.base)
     try:
-        yield adapted.model
+        with folded(adapted.model) as model:
+            yield model
     finally:
         for parent, attr, wrapper in swapped:
             setattr(parent, attr, wrapper)
@@ -138,7 +140,7 @@ def lora_factors(comp: WeightComponent) -> tuple[torch.Tensor, torch.Tensor]:
 def check_peft(adapted: AdaptedModel) -> str:
     """``lora`` or ``lokr``: the PEFT adapter type that holds the method exactly; else a one-line refusal."""
     name = _method_name(adapted)
-    comps = list(adapted.all_components())
+    comps = [c for c in adapted.all_components() if not isinstance(c, VocabularyRows)]  # in the base
     if comps and all(isinstance(c, KronA) for c in comps):
         return _check_lokr(adapted, name)
     for comp in comps:

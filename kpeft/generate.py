@@ -108,7 +108,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
         raise KpeftError(f"--input '{args.input}' does not exist")
     run = load_run(args.run_dir)
     task = run.task
-    if task.name not in PARSERS or not hasattr(task, "generate"):
+    if task.name not in PARSERS or not task.generates:
         raise KpeftError(f"task '{task.name}' is not a generation task; kpeft.generate serves "
                          f"{', '.join(sorted(PARSERS))} (evaluate other runs with their record)")
     if torch.cuda.is_available():

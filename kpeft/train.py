@@ -32,6 +32,7 @@ from kpeft.compose import check_choices, check_method_fits_budget, check_unknown
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
+from kpeft.methods.vocabulary import add_vocabulary_rows
 from kpeft.paths import check_writable_dir
 from kpeft.records import SCHEMA_VERSION, is_complete, provenance, read_record, write_record
 from kpeft.runid import difference, semantic, write_overrides
@@ -65,9 +66,16 @@ def build_model(cfg: DictConfig) -> tuple[AdaptedModel, Task]:
         model.config.pad_token_id = tokenizer.pad_token_id
     task.max_positions = max_positions(model.config)  # inputs are fitted to them (kpeft/tasks/lengths.py)
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
-    if hasattr(task, "prepare_model"):  # NLG tasks: special-token embeddings (kpeft/tasks/nlg.py)
-        task.prepare_model(adapted, cfg.fidelity)
+    adapt_to_task(adapted, task, cfg.fidelity)
     return adapted, task
+
+
+def adapt_to_task(adapted: AdaptedModel, task: Task, fidelity: str = "paper") -> None:
+    """What the task declares the model needs, after the method: rows for its new tokens (the NLG
+    task embeddings, :mod:`kpeft.methods.vocabulary`)."""
+    tokens = task.new_tokens()
+    if tokens is not None:
+        add_vocabulary_rows(adapted, tokens.first, tokens.total, tokens.token_types, fidelity)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

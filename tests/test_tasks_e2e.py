@@ -19,6 +19,7 @@ from kpeft.methods import apply_method
 from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
 from kpeft.tasks.e2e import pairs_from_hub, parse_mr, read_csv
+from kpeft.train import adapt_to_task
 
 DATA = FIXTURES / "e2e"
 GPT2 = PACKAGED_TOKENIZERS["gpt2"]
@@ -127,7 +128,7 @@ def test_generation_one_output_per_mr(make_cfg, tmp_path):
                     "task.options.max_new_tokens=3", "task.options.coco_metrics=false", tokenizer=True)
     model = load_model(cfg.model, "causal_lm", seed=0).eval()
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
-    task.prepare_model(adapted)
+    adapt_to_task(adapted, task)
     metrics = task.evaluate_generation(adapted.model, "test", tmp_path, batch_size=2)
     assert set(metrics) == {"bleu", "nist"}
     rows = [json.loads(x) for x in (tmp_path / "generations" / "test.jsonl").read_text().splitlines()]

@@ -15,6 +15,7 @@ from kpeft.methods import apply_method
 from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
 from kpeft.tasks.nlg import ALL_SPECIAL_TOKENS, build_example
+from kpeft.train import adapt_to_task
 
 GPT2 = PACKAGED_TOKENIZERS["gpt2"]
 WEBNLG, COQA, CNNDM = FIXTURES / "webnlg2017", FIXTURES / "coqa", FIXTURES / "cnn_dm" / "stories"
@@ -134,31 +135,33 @@ def test_task_embeddings_train_only_new_rows_and_are_not_counted(make_cfg):
 
     plain = adapted_model()
     adapted = adapted_model()
-    task.prepare_model(adapted)
+    adapt_to_task(adapted, task)
     before, after = plain.count(), adapted.count()
-    wte = adapted.model.get_input_embeddings().weight
-    assert wte.shape == (len(task.tokenizer), 32)
-    assert adapted.model.get_output_embeddings().weight is wte  # still tied: new rows are output embeddings too
+    embed, head = adapted.model.get_input_embeddings(), adapted.model.get_output_embeddings()
+    rows = embed.rows.weight
+    assert embed.weight.shape == head.weight.shape == (len(task.tokenizer), 32)
+    assert head.base.weight is embed.base.weight and head.rows is embed.rows  # tied: new rows are output embeddings too
+    assert torch.equal(head.weight, embed.weight) and not embed.base.weight.requires_grad
     # the budget is unchanged; only the new rows (beyond the tiny model's 256) are reported as uncounted
     assert (after.total, after.trainable, after.stored) == (before.total, before.trainable, before.stored)
-    assert after.uncounted == before.uncounted + (len(task.tokenizer) - 256) * 32
-    new_rows = wte[256:].detach()
-    assert abs(float(new_rows.std()) - 0.02) < 0.002 and abs(float(new_rows.mean())) < 0.002
+    assert after.uncounted == before.uncounted + (len(task.tokenizer) - 256) * 32 == rows.numel()
+    assert abs(float(rows.detach().std()) - 0.02) < 0.002 and abs(float(rows.detach().mean())) < 0.002
     examples = [task.encode(r) for r in task.records("validation")[:4]]
     batch = task.collate(examples)
     loss, n = task.loss(adapted.model, batch)
     loss.backward()
     assert n == sum(sum(x != IGNORE for x in e["labels"][1:]) for e in examples)
-    assert wte.grad is not None and bool((wte.grad[:256] == 0).all())
-    special = [task.sid(t) for t in task.special]
-    assert bool((wte.grad[special].abs().sum(-1) > 0).all())
-    # the adapter checkpoint holds only the trained rows of wte, not the whole matrix
+    assert embed.base.weight.grad is None  # the pretrained matrix gets no gradient at all
+    special = [task.sid(t) - 256 for t in task.special]
+    assert bool((rows.grad[special].abs().sum(-1) > 0).all())
+    # the adapter checkpoint holds only the new rows, not the whole matrix
     state = adapted.adapter_state_dict()
-    wte_name = next(n for n in state if n.endswith("wte.weight"))
-    assert state[wte_name].shape == (len(task.tokenizer) - 256, 32)
-    state[wte_name] = state[wte_name] + 1.0
+    assert state["transformer.wte.rows.weight"].shape == (len(task.tokenizer) - 256, 32)
+    assert not any(v.shape[0] == 256 for v in state.values())
+    state["transformer.wte.rows.weight"] = state["transformer.wte.rows.weight"] + 1.0
     adapted.load_adapter_state_dict(state)
-    assert torch.equal(wte[256:].detach(), state[wte_name]) and torch.equal(wte[:256].detach(), plain.model.get_input_embeddings().weight[:256])
+    assert torch.equal(rows.detach(), state["transformer.wte.rows.weight"])
+    assert torch.equal(embed.base.weight, plain.model.get_input_embeddings().weight)
 
 
 def test_collate_pads_token_types_and_the_model_embeds_them(make_cfg):
@@ -172,7 +175,7 @@ def test_collate_pads_token_types_and_the_model_embeds_them(make_cfg):
     assert int(batch["token_type_ids"][short, -1]) == task.pad_token_id
     model = load_model(cfg.model, "causal_lm", seed=0).eval()
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
-    task.prepare_model(adapted)
+    adapt_to_task(adapted, task)
     with_types, _ = task.logits_and_labels(model, batch)
     without = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     assert not torch.allclose(with_types, without)
@@ -196,7 +199,7 @@ def test_train_webnlg_end_to_end(tmp_path):
 def tiny_adapted(cfg, task):
     model = load_model(cfg.model, "causal_lm", seed=0).eval()
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
-    task.prepare_model(adapted)
+    adapt_to_task(adapted, task)
     return adapted
 
 
@@ -236,7 +239,7 @@ def test_gpt2_small_budget_unchanged_and_16_uncounted_rows(make_cfg):
     model = load_model(cfg.model, "causal_lm", meta=True)
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
     before = adapted.count()
-    task.prepare_model(adapted)
+    adapt_to_task(adapted, task)
     after = adapted.count()
     assert after.total == before.total == 124_439_808
     assert (after.trainable, after.stored) == (before.trainable, before.stored)
@@ -244,18 +247,18 @@ def test_gpt2_small_budget_unchanged_and_16_uncounted_rows(make_cfg):
     assert adapted.model.get_input_embeddings().weight.shape == (50273, 768)
 
 
-def test_code_fidelity_zeroes_original_rows_after_clipping(make_cfg):
+def test_code_fidelity_original_rows_get_a_gradient_for_clipping_only(make_cfg):
     """fidelity=code (docs/deviations.md, item 13): the original rows' gradient survives the backward pass
-    (it enters the clipping norm) and is zeroed by after_clip, before the optimizer step."""
+    (it enters the clipping norm), but that frozen matrix is never trained, saved or counted."""
     cfg, task = nlg_task(make_cfg, "webnlg", WEBNLG, "method=lora", "budget=tiny")
     model = load_model(cfg.model, "causal_lm", seed=0)
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
-    task.prepare_model(adapted, fidelity="code")
+    adapt_to_task(adapted, task, fidelity="code")
     loss, _ = task.loss(model, task.collate([task.encode(r) for r in task.records("validation")[:2]]))
     loss.backward()
-    wte = model.get_input_embeddings().weight
-    assert bool((wte.grad[:256] != 0).any())
-    new_rows = wte.grad[256:].clone()
-    task.after_clip()
-    assert bool((wte.grad[:256] == 0).all()) and torch.equal(wte.grad[256:], new_rows)
+    frozen = model.get_input_embeddings().base.weight
+    assert frozen.grad is not None and bool((frozen.grad != 0).any())
+    assert adapted.gradient_only_parameters() == [frozen]
+    assert all(p is not frozen for _, p in adapted.trainable_parameters())
+    assert "transformer.wte.base.weight" not in adapted.adapter_state_dict()
     assert adapted.count().uncounted == (len(task.tokenizer) - 256) * 32

@@ -16,6 +16,7 @@ from kpeft.compose import compose
 from kpeft.methods import apply_method
 from kpeft.paths import PACKAGED_TOKENIZERS
 from kpeft.tasks import IGNORE, task_class
+from kpeft.train import adapt_to_task
 from kpeft.training.decode import greedy_decode
 from tests.helpers import FIXTURES, coqa_folder, has_package, train_cli
 
@@ -122,18 +123,18 @@ def test_sentencepiece_llama_tokenizer_keeps_its_word_prefix_and_an_existing_pad
 def adapted_llama(cfg, task):
     model = load_model(cfg.model, "causal_lm", seed=0).eval()
     adapted = apply_method(model, describe(model), cfg.method, cfg.fidelity)
-    task.prepare_model(adapted)
+    adapt_to_task(adapted, task)
     return adapted
 
 
 def test_llama_adds_the_task_embeddings_and_decodes_with_them(make_cfg, smol_dir):
-    """Llama's forward drops ``token_type_ids``; after prepare_model the logits are those of
+    """Llama's forward drops ``token_type_ids``; with the task embeddings the logits are those of
     ``inputs_embeds = embed(ids) + embed(types)`` (GPT-2's task embeddings), in training and in
     cached greedy decoding (equal to an uncached loop that re-embeds the whole prefix)."""
     cfg, task = llama_task(make_cfg, smol_dir, "webnlg", WEBNLG, "method=lora", "budget=tiny")
     model = adapted_llama(cfg, task).model
     embed = model.get_input_embeddings()
-    assert embed.weight.shape[0] == len(task.tokenizer) and model.get_output_embeddings().weight is embed.weight
+    assert embed.weight.shape[0] == len(task.tokenizer) and model.get_output_embeddings().rows is embed.rows
     batch = task.collate([task.encode(r) for r in task.records("validation")[:3]])
     with torch.no_grad():
         logits, _ = task.logits_and_labels(model, batch)

@@ -44,8 +44,10 @@ class AdaptedModel:
         self.components = components
         self.backbone_total = backbone_total
         self._uncounted: dict[int, nn.Parameter] = {}
-        # Tensors of which only the rows from an offset on train (the NLG task-embedding rows of wte).
-        self._rows_from: dict[int, int] = {}
+        # Frozen tensors that get a gradient for the clipping norm only (never stepped, saved or counted).
+        self._gradient_only: dict[int, nn.Parameter] = {}
+        # The task's vocabulary rows (kpeft.methods.vocabulary): {"rows_from", "rows", "token_types"}.
+        self.vocabulary: dict | None = None
         # The method config and fidelity it was built from (kpeft.api: save_adapter needs them).
         self.method_cfg = None
         self.fidelity = "paper"
@@ -77,39 +79,41 @@ class AdaptedModel:
             if comp.site == "parameters":
                 for _, p in comp.select(self.model):
                     p.requires_grad_(True)
-            else:
-                for p in comp.parameters():
-                    p.requires_grad_(True)
+            for p in comp.parameters():
+                p.requires_grad_(True)
         for p in self.anatomy.task_head_params:
             p.requires_grad_(train_task_head)
             self.mark_uncounted(p)
 
-    def mark_uncounted(self, param: nn.Parameter, rows_from: int | None = None) -> None:
-        """Train `param` but leave it out of the budget (task heads, task-embedding rows).
-
-        `rows_from`: only the rows from this index on train (the NLG task embeddings are the new
-        rows of ``wte``; a gradient hook zeroes the others): only they are reported as
-        ``uncounted`` and only they are saved in the adapter state."""
+    def mark_uncounted(self, param: nn.Parameter) -> None:
+        """Train `param` but leave it out of the budget (task heads)."""
         self._uncounted[id(param)] = param
-        if rows_from is not None:
-            self._rows_from[id(param)] = rows_from
 
-    def _trained_part(self, p: nn.Parameter) -> torch.Tensor:
-        return p[self._rows_from[id(p)]:] if id(p) in self._rows_from else p
+    def mark_gradient_only(self, param: nn.Parameter) -> None:
+        """`param` (frozen) gets a gradient that enters the clipping norm, but is never stepped,
+        saved or counted (``fidelity=code`` with task tokens: docs/deviations.md, item 13)."""
+        self._gradient_only[id(param)] = param
+
+    def gradient_only_parameters(self) -> list[nn.Parameter]:
+        return list(self._gradient_only.values())
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in self.model.named_parameters()
+                if p.requires_grad and id(p) not in self._gradient_only]
 
     # ------------------------------------------------------------ counting
     def count(self) -> ParamCount:
+        counted = [c for c in self.all_components() if c.counted]
+        uncounted_ids = set(self._uncounted)
+        uncounted_ids.update(id(p) for c in self.all_components() if not c.counted for p in c.parameters())
         trainable = uncounted = 0
         for _, p in self.trainable_parameters():
-            if id(p) in self._uncounted:
-                uncounted += self._trained_part(p).numel()
+            if id(p) in uncounted_ids:
+                uncounted += p.numel()
             else:
                 trainable += p.numel()
-        own = sum(sum(p.numel() for p in c.parameters() if p.requires_grad) for c in self.all_components())
-        stored = trainable - own + sum(c.stored_numel() for c in self.all_components())
+        own = sum(sum(p.numel() for p in c.parameters() if p.requires_grad) for c in counted)
+        stored = trainable - own + sum(c.stored_numel() for c in counted)
         return ParamCount(self.backbone_total, trainable, stored, uncounted)
 
     # ------------------------------------------------------------ merging
@@ -149,11 +153,13 @@ class AdaptedModel:
         """Only what training changed: trainable tensors (a 0.1% adapter is saved as 0.1%)."""
         if self.merged:
             raise RuntimeError("unmerge() before saving: merged weights would be saved twice")
-        return {n: self._trained_part(p).detach().clone().contiguous() for n, p in self.trainable_parameters()}
+        return {n: p.detach().clone().contiguous() for n, p in self.trainable_parameters()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.merged:
             raise RuntimeError("unmerge() before loading: the merged weights hold the old deltas")
+        for comp in self.all_components():
+            state = comp.upgrade_state(self.model, state)
         params = dict(self.trainable_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
@@ -161,4 +167,4 @@ class AdaptedModel:
             raise KeyError(f"adapter state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         with torch.no_grad():
             for name, value in state.items():
-                self._trained_part(params[name]).copy_(value)
+                params[name].copy_(value)

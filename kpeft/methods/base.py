@@ -6,7 +6,8 @@ A PEFT method is a set of *components*, each attached at one kind of site (docs/
   weight delta ``ΔW`` (row convention, ``(d_in, d_out)``) and bias delta: mergeable.
 * **attention**, **block** — modules inside the attention computation or around a sub-layer
   (later method families).
-* **parameters** — which existing backbone tensors train (full fine-tuning, BitFit).
+* **parameters** — which existing backbone tensors train (full fine-tuning, BitFit, LayerNorms),
+  or tensors added to the backbone (a task's new vocabulary rows, :mod:`kpeft.methods.vocabulary`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ class Component(nn.Module):
 
     site: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    # False: trained but outside the budget, reported as ``uncounted`` (task-token rows).
+    counted: ClassVar[bool] = True
 
     def stored_numel(self) -> int:
         """Numbers kept after training (differs from the trained count only for re-parameterised
         methods such as prefix-tuning)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def upgrade_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An adapter state saved by an earlier kpeft version, under this version's names
+        (unchanged by default)."""
+        return state
 
     def resident_tensors(self) -> list[torch.Tensor]:
         """Tensors the component keeps alive outside its parameters and buffers (memory

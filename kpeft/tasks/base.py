@@ -8,8 +8,9 @@ model head (``classification`` → a sequence classifier, ``causal_lm`` → an L
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,28 @@ Example = dict[str, Any]
 IGNORE = -100
 
 
+@dataclass(frozen=True)
+class NewTokens:
+    """Tokens a task added to the tokenizer: ids ``first`` … ``total − 1`` need embedding rows
+    (installed by :func:`kpeft.methods.vocabulary.add_vocabulary_rows`)."""
+
+    first: int  # the tokenizer's size before the task's tokens
+    total: int  # its size with them
+    token_types: bool = False  # the task passes token_type_ids (special-token ids) to be embedded too
+
+
 class Task:
-    """Base class: subclasses implement :meth:`load_splits` (and may override metrics)."""
+    """Base class: subclasses implement :meth:`load_splits` (and may override metrics).
+
+    What the training loop and the model builder ask of every task is declared here, with
+    defaults: :meth:`new_tokens` (None) and, for tasks with ``generates = True``,
+    :meth:`generate` and :meth:`evaluate_generation`."""
 
     needs_tokenizer: bool = True
+    #: True: the task is evaluated on its generations (:meth:`evaluate_generation`), not on batches.
+    generates: ClassVar[bool] = False
+    #: Set by the loop while validating by a metric: generate for the first so many items only.
+    generation_limit: int | None = None
     #: The model's input positions (set by ``kpeft.train.build`` before :meth:`load_splits`);
     #: None: no limit besides ``task.max_length`` (see :mod:`kpeft.tasks.lengths`).
     max_positions: int | None = None
@@ -68,6 +87,20 @@ class Task:
     def load_splits(self) -> dict[str, list[Example]]:  # pragma: no cover - abstract
         """``{"train": [...], "validation": [...], "test": [...]}`` of encoded examples."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------ what the builder and the loop ask
+    def new_tokens(self) -> NewTokens | None:
+        """Tokens this task added to the tokenizer, which the model needs rows for (NLG tasks)."""
+        return None
+
+    def generate(self, model, items: Sequence[Any], batch_size: int = 16) -> list[str]:  # pragma: no cover
+        """Decoded outputs for the task's `items` (``generates`` tasks)."""
+        raise NotImplementedError(f"task '{self.name}' does not generate")
+
+    def evaluate_generation(self, model, split: str, run_dir: str | Path | None = None, batch_size: int = 16,
+                            accelerator=None) -> dict[str, Any]:  # pragma: no cover
+        """The split's metrics from its generations (``generates`` tasks; the loop adds the loss)."""
+        raise NotImplementedError(f"task '{self.name}' is evaluated on batches, not generations")
 
     # ------------------------------------------------------------ lengths
     @property

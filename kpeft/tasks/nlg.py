@@ -12,14 +12,13 @@ Shared by :class:`~kpeft.tasks.webnlg.WebNLG`, :class:`~kpeft.tasks.coqa.CoQA` a
   first token (target + eos). Each string is tokenised separately with ``tokenizer.tokenize``
   (never the tokenizer's own bos/eos): without a leading space for byte-level BPEs (GPT-2,
   SmolLM2), with SentencePiece's usual "▁" word prefix for SentencePiece tokenizers;
-* **task embeddings** (:meth:`NLGTask.prepare_model`, after the method is installed): the
-  embeddings are resized to the tokenizer, the rows beyond the backbone's vocabulary re-initialised
-  N(0, ``initializer_range``); ``wte`` (tied to the LM head) is made trainable with a gradient
-  hook that zeroes the rows of the original vocabulary (so the zeroing precedes clipping), and it
-  is marked uncounted for the number of new rows only: the budget stays the papers';
-* **task embeddings on Llama**: Llama's forward ignores ``token_type_ids``; a forward pre-hook on
-  its base model turns them into ``inputs_embeds = embed(input_ids) + embed(token_type_ids)``
-  (GPT-2's sum, without position embeddings: RoPE), in training and decoding alike;
+* **task embeddings** (:meth:`NLGTask.new_tokens`): the tokens from the tokenizer's original size
+  on get their own rows, N(0, ``initializer_range``), trained with the method, outside the budget,
+  saved with the adapter; the pretrained embedding (tied to the LM head) stays frozen
+  (:mod:`kpeft.methods.vocabulary`, installed by the model builder). ``token_type_ids`` are
+  embedded too: GPT-2 adds ``wte(token_type_ids)`` itself; for Llama, whose forward ignores
+  them, a pre-hook feeds ``inputs_embeds = embed(input_ids) + embed(token_type_ids)`` (GPT-2's
+  sum without position embeddings: RoPE), in training and decoding alike;
 * **generation** (:meth:`NLGTask.evaluate_generation`, called by ``Trainer.evaluate``): batched
   greedy decoding with a KV cache (:mod:`kpeft.training.decode`; beam search with ``decode.num_beams``
   > 1, ``docs/decoding.md``), stopping on any of the task's special tokens or after
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 
 from kpeft.errors import KpeftError
-from kpeft.tasks.base import IGNORE, Example, _pad
+from kpeft.tasks.base import IGNORE, Example, NewTokens, _pad
 from kpeft.tasks.benchmark import BenchmarkTask, Record
 from kpeft.tasks.lengths import cut_longest_first, refuse_long, warn_truncated
 
@@ -57,27 +56,6 @@ SPECIAL_TOKENS = {
 ALL_SPECIAL_TOKENS = tuple(t for name in ("coqa", "cnndm", "webnlg") for t in SPECIAL_TOKENS[name])
 
 Segment = tuple[int, list[int]]
-
-
-def embeds_token_types(model) -> bool:
-    """Whether `model`'s own forward adds ``wte(token_type_ids)`` (GPT-2); Llama ignores them."""
-    return getattr(model.config, "model_type", "") == "gpt2"
-
-
-def _add_token_type_embeddings(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook on a base model without token types (Llama): ``inputs_embeds =
-    embed(input_ids) + embed(token_type_ids)``, GPT-2's task embeddings ([KM] Table B.4)."""
-    types = kwargs.pop("token_type_ids", None)
-    if types is None:
-        return args, kwargs
-    ids = args[0] if args else kwargs.get("input_ids")
-    embed = module.get_input_embeddings()
-    base = kwargs.get("inputs_embeds")
-    kwargs["inputs_embeds"] = (embed(ids) if base is None else base) + embed(types)
-    if args:
-        return (None, *args[1:]), kwargs
-    kwargs["input_ids"] = None
-    return args, kwargs
 
 
 def build_example(segments: Sequence[Segment]) -> Example:
@@ -113,6 +91,7 @@ class NLGTask(BenchmarkTask):
 
     #: ``SPECIAL_TOKENS`` key; its first two entries are bos and eos, the last the target marker.
     special_key: str = ""
+    generates = True
 
     def __init__(self, cfg, tokenizer=None, pad_token_id: int = 0):
         super().__init__(cfg, tokenizer, pad_token_id)
@@ -240,47 +219,12 @@ class NLGTask(BenchmarkTask):
         return {**super().model_inputs(batch), "token_type_ids": batch["token_type_ids"]}
 
     # ------------------------------------------------------------ task embeddings
-    def prepare_model(self, adapted, fidelity: str = "paper") -> None:
-        """Resize the embeddings to the tokenizer, re-initialise the new rows, train only them
-        (gradient hook on ``wte``) and keep them out of the budget (see the module docstring).
-
-        ``fidelity="code"`` (docs/deviations.md, item 13): no hook; :meth:`after_clip` zeroes the original
-        rows' gradient *after* clipping, so the clipping norm includes the full-vocabulary
-        output-embedding gradient, as in the official ``nlg/train.py``."""
-        model = adapted.model
-        was_trainable = model.get_input_embeddings().weight.requires_grad
-        old = model.get_input_embeddings().weight.shape[0]
-        new = len(self.tokenizer)
-        if new > old:
-            model.resize_token_embeddings(new, mean_resizing=False)
-        wte = model.get_input_embeddings().weight
-        std = float(getattr(model.config, "initializer_range", 0.02))
-        with torch.no_grad():
-            first_new = min(old, self.n_original or old)
-            wte[first_new:].normal_(0.0, std)
-        if not embeds_token_types(model):  # e.g. Llama: add the task embeddings ourselves
-            model.base_model.register_forward_pre_hook(_add_token_type_embeddings, with_kwargs=True)
-        if was_trainable:  # full fine-tuning (or a method training wte): already counted
-            return
-        keep_from = first_new
-        wte.requires_grad_(True)
-
-        def zero_original_rows(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            grad[:keep_from] = 0
-            return grad
-
-        if fidelity == "code":
-            self._zero_after_clip = (wte, keep_from)
-        else:
-            wte.register_hook(zero_original_rows)
-        adapted.mark_uncounted(wte, rows_from=keep_from)  # only the new rows count, and are saved
-
-    def after_clip(self) -> None:
-        """Called by the training loop between clipping and the optimizer step (``fidelity=code``)."""
-        target = getattr(self, "_zero_after_clip", None)
-        if target is not None and target[0].grad is not None:
-            target[0].grad[: target[1]] = 0
+    def new_tokens(self) -> NewTokens | None:
+        """``<pad>`` and the special tokens: rows from the tokenizer's original size on, embedded
+        as tokens and as token types (see the module docstring)."""
+        if self.tokenizer is None or self.n_original is None:
+            return None
+        return NewTokens(self.n_original, len(self.tokenizer), token_types=True)
 
     # ------------------------------------------------------------ generation
     def max_new_tokens(self) -> int:
@@ -313,7 +257,7 @@ class NLGTask(BenchmarkTask):
         metrics every process returns (the same numbers as one process decoding everything)."""
         model.eval()
         records = self._cap(self.generation_records(split), split)
-        if getattr(self, "generation_limit", None):  # validation by a metric (train.val_generation_examples)
+        if self.generation_limit:  # validation by a metric (train.val_generation_examples)
             records = records[: int(self.generation_limit)]
         if not records:
             return {}

@@ -168,6 +168,8 @@ class GlueText2Text(Glue):
     """A GLUE task as text-to-text for an encoder-decoder (see the module docstring): the same
     records and split protocols as :class:`~kpeft.tasks.glue.Glue`, encoded in T5's format."""
 
+    generates = True
+
     @property
     def kind(self) -> str:
         return "seq2seq"
@@ -246,7 +248,7 @@ class GlueText2Text(Glue):
         model.eval()
         split = canonical_split(split)
         records = self._cap(self.records(split), split)
-        if getattr(self, "generation_limit", None):  # validation by a metric (train.val_generation_examples)
+        if self.generation_limit:  # validation by a metric (train.val_generation_examples)
             records = records[: int(self.generation_limit)]
         if not records:
             return {}

@@ -156,11 +156,11 @@ class Trainer:
         nothing written, as for validations); with `save_examples`
         a classification task's per-example scores go to ``<run_dir>/predictions/<split>.jsonl``.
 
-        A task with ``evaluate_generation(model, split, run_dir, batch_size, accelerator)`` (the NLG
-        tasks, :mod:`kpeft.tasks.nlg`) is scored on its generations instead (each process decodes
+        A task with ``generates`` (the NLG tasks, :mod:`kpeft.tasks.nlg`) is scored on its generations
+        instead (``Task.evaluate_generation``) (each process decodes
         every world-th item; the main one scores them all and writes ``<run_dir>/generations/``)."""
         self.model.eval()
-        if hasattr(self.task, "evaluate_generation"):
+        if self.task.generates:
             run_dir = self.run_dir if self.acc.is_main_process and save_examples is not None else None
             metrics = self.task.evaluate_generation(self.model, split, run_dir, self.tcfg.eval_batch_size,
                                                     accelerator=self.acc)
@@ -300,14 +300,24 @@ class Trainer:
                 # DDP averages gradients over processes, hence the × world.
                 self.acc.backward(loss_sum * (self.world / max(units, 1.0)))
             total_loss += loss_sum.detach()
+        gradient_only = self.adapted.gradient_only_parameters()  # fidelity=code: frozen rows, clipping only
         if self.tcfg.max_grad_norm and self.tcfg.max_grad_norm > 0:
+            self._unscale(gradient_only)
             self.acc.clip_grad_norm_(self.model.parameters(), self.tcfg.max_grad_norm)
-        if hasattr(self.task, "after_clip"):  # NLG task embeddings, fidelity=code (kpeft/tasks/nlg.py)
-            self.task.after_clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for p in gradient_only:
+            p.grad = None
         return float(self.acc.reduce(total_loss, "sum")) / max(units, 1.0)
+
+    def _unscale(self, params: list) -> None:
+        """fp16: unscale gradients outside the optimizer, which accelerate's clipping does not."""
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(scaler.get_scale())
 
     def _end_epoch(self, state: LoopState, logger: MetricsLogger, has_val: bool) -> None:
         entry: dict[str, float] = {"epoch": state.epoch, "step": state.global_step}
@@ -327,7 +337,7 @@ class Trainer:
         """The task's metrics on the validation split (generation tasks: its first
         ``train.val_generation_examples`` items, nothing written)."""
         cap = self.tcfg.get("val_generation_examples")
-        self.task.generation_limit = cap if hasattr(self.task, "evaluate_generation") else None
+        self.task.generation_limit = cap if self.task.generates else None
         try:
             return self.evaluate("validation", save_examples=None)
         finally:
