@@ -44,6 +44,8 @@ ALL = list(FAMILIES)  # gpt2, roberta_cls (classification head), roberta_base (h
 FOUR = ["gpt2", "roberta_cls", "t5", "llama"]
 FOUR_BASE = ["gpt2", "roberta_base", "t5", "llama"]  # attention sites: RoBERTa's hidden states
 DECODERS = {"gpt2", "llama", "t5"}  # a KV cache (T5: its decoder)
+MASK_METHODS = {"prefix", "mam_adapter", "inducer", "inducer_adaptive", "inducer_gating", "inducer_extension",
+                "inducer_lora", "mam_inducer", "mh_parallel_adapter", "prompt_tuning"}  # attention / input sites
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,9 @@ class Case:
     budget: str = "small"
     overrides: tuple[str, ...] = ()
     tag: str = ""  # names the overrides in the test id
-    zero: str | None = "exact"  # starts at the frozen model: "exact" (bit for bit), "eager" (attention
-    # site: to 1e-6 of the frozen model run with eager attention), None (it starts elsewhere)
+    zero: str | None = "exact"  # starts at the frozen model: "exact" (bit for bit); "eager" / "eager~" (an
+    # attention site runs its own eager attention: bit for bit / to 1e-6 of the frozen model run eagerly);
+    # None (it starts elsewhere)
     merge: bool = False  # folds into the frozen weights with AdaptedModel.merge()
 
     def __str__(self) -> str:
@@ -91,9 +94,9 @@ CASES: list[Case] = [
     Case("krona", "llama", "t5_glue", ("budget.krona.a_shape=[4,8]", "budget.krona.b_shape=null"), merge=True),
     *rows("krona_b", ALL, budget="t5_glue", overrides=KRONA_B),
     *rows("krona_b_res", ALL, budget="t5_glue", overrides=KRONA_B, zero=None),  # + s_res·X at step 0
-    *rows("mh_parallel_adapter", FOUR, zero="eager"),
+    *rows("mh_parallel_adapter", FOUR, zero="eager~"),
     *rows("inducer", FOUR_BASE, budget="intermediate", overrides=ZERO_VALUE, tag="zero_value", zero="eager"),
-    *rows("inducer_adaptive", FOUR, budget="intermediate", overrides=ZERO_VALUE, tag="zero_value", zero="eager"),
+    *rows("inducer_adaptive", FOUR_BASE, budget="intermediate", overrides=ZERO_VALUE, tag="zero_value", zero="eager"),
     *rows("inducer_gating", ["gpt2"], budget="intermediate", zero=None),
     *rows("inducer_extension", ["gpt2"], budget="intermediate", zero=None),
     *rows("inducer_lora", ["gpt2", "llama"], budget="intermediate", zero=None),
@@ -209,7 +212,8 @@ def test_a_zero_initialised_method_gives_the_frozen_outputs(case):
     else:  # the attention site runs its own (eager) attention
         eager = backbone(case.family)
         eager.set_attn_implementation("eager")
-        torch.testing.assert_close(b.at_init, output(eager, b.batch), rtol=0, atol=1e-6)
+        tol = 1e-6 if case.zero == "eager~" else 0.0
+        torch.testing.assert_close(b.at_init, output(eager, b.batch), rtol=0, atol=tol)
 
 
 @cases()
@@ -316,16 +320,20 @@ def test_a_padded_batch_equals_its_rows_one_by_one(case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@cases(lambda c: c.family in ("gpt2", "llama"))
+@cases(lambda c: c.family in ("gpt2", "llama") and c.method in MASK_METHODS)
 def test_left_padded_generation_equals_one_by_one(case):
+    """Methods that add keys, queries or tokens (their own masks and positions); a weight or block
+    site leaves the masks to the backbone (its padded batch: the check above)."""
     model = built(case).adapted.model
     check_batched_left_padded_generation(model, torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(4)))
 
 
 @cases()
 def test_gradients_reach_exactly_the_trainable_tensors(case):
+    """In training mode (dropout and the training-only paths of the components act)."""
     b = built(case)
-    model = b.adapted.model
+    model = b.adapted.model.train()
+    torch.manual_seed(0)
     out = model(**b.batch, use_cache=False) if case.family in DECODERS else model(**b.batch)
     main = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
     extra = getattr(out, "pooler_output", None)
@@ -337,5 +345,6 @@ def test_gradients_reach_exactly_the_trainable_tensors(case):
         zero = [n for n, p in model.named_parameters() if p.grad is not None and not p.grad.abs().sum() > 0]
         assert zero == []
     finally:
+        model.eval()
         for p in model.parameters():
             p.grad = None
