@@ -1,6 +1,6 @@
 """Adapter baselines (Lin et al. 2020; Karimi Mahabadi et al. 2021; He et al. 2022; [IT] Table 5): Adapter-r (Lin), the parallel adapter, the MAM
-adapter, MAM inducer-tuning, Compacter: counts, zero-init, the hooks' exact formula and place, the
-PHM product, the shared rule tensor, training."""
+adapter, MAM inducer-tuning, Compacter: counts, init, the hooks' exact formula and place, the PHM product,
+the shared rule tensor, training. The generic checks run on every variant in tests/test_matrix.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import FAMILIES, inputs, method_cfg, output, randomise, tiny_model
+from helpers import inputs, method_cfg, output, randomise, tiny_model
 from torch import nn
 
 from kpeft.backbones import describe
@@ -83,24 +83,8 @@ def test_printed_percentages(capsys):
     capsys.readouterr()
 
 
-# ---------------------------------------------------------------- zero init reproduces the backbone
-
-
-@pytest.mark.parametrize(
-    ("method", "budget", "overrides"),
-    [
-        ("parallel_adapter", "small", ()),
-        ("adapter", "small", ("method.components.adapter.init=lora",)),
-        ("adapter", "small", ("method.components.adapter.init=lora", "method.components.adapter.placement=attn_out")),
-    ],
-)
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_zero_initialised_up_projection_reproduces_the_frozen_model(method, budget, overrides, family):
-    model = tiny_model(family)
-    batch = inputs(family)
-    before = output(model, batch)
-    adapted = adapt(model, method, *overrides, budget=budget)
-    assert torch.equal(output(adapted.model, batch), before)
+# ---------------------------------------------------------------- init
+# (a zero-initialised up projection = the frozen model, on every family: tests/test_matrix.py)
 
 
 def test_hf_normal_init_is_not_zero_and_matches_gpt2_init():

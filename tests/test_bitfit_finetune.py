@@ -78,8 +78,6 @@ def test_bitfit_on_t5_adds_zero_biases_that_act():
     """The Compacter code's BitFit on T5: zero biases on every linear layer (LM head included) and RMS
     norm; the model is unchanged until they train, and a norm's bias shifts that norm's output."""
     model = tiny_model("t5")
-    batch = inputs("t5")
-    before = output(model, batch)
     adapted = apply(model, "bitfit")
     cfg = model.config
     d, ff, layers = cfg.d_model, cfg.d_ff, cfg.num_layers  # 32, 64, 2 (+ 2 decoder layers)
@@ -91,7 +89,7 @@ def test_bitfit_on_t5_adds_zero_biases_that_act():
     names = trained(model)
     assert names == {n for n, _ in model.named_parameters() if n.endswith(".bias")}
     assert "lm_head.bias" in names and "encoder.final_layer_norm.bias" in names
-    assert torch.equal(output(model, batch), before)  # zero biases change nothing
+    # (zero biases change nothing: tests/test_matrix.py)
     norm = model.encoder.final_layer_norm
     x = torch.randn(2, 3, d)
     plain = norm(x)
@@ -112,10 +110,7 @@ def test_finetune_trains_everything(family):
     assert count.total == count.trainable == count.stored == everything - head
     assert count.uncounted == head
     assert count.trainable_pct == 100.0
-    # Gradients reach every parameter (the LM head through the tied embedding).
-    batch = inputs(family)
-    model(**batch).logits.pow(2).mean().backward()
-    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # (gradients reach every parameter, the LM head through the tied embedding: tests/test_matrix.py)
 
 
 def test_finetune_adapter_state_dict_holds_every_tensor_once():

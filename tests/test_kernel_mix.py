@@ -1,12 +1,14 @@
 """Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite ([KM] §4) on the
-four backbone families: zero-delta, merge/unmerge (lite key-bias term included), equality with a
-naive per-head reference, head-specificity, the lite trick, KV-cache decoding, GQA, T5
-cross-attention, initialisation, the fidelity switch, the papers' parameter counts, training."""
+four backbone families: init, merging with the lite key-bias term, equality with a naive per-head
+reference, head-specificity, the lite trick, T5 cross-attention (cache too), GQA, the fidelity switch,
+the papers' parameter counts, training. The generic checks (zero-init = frozen, merge round trip,
+KV-cache decoding, save/load, padding, gradients) run on every variant in tests/test_matrix.py."""
 
 from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 import math
 
@@ -14,7 +16,6 @@ import pytest
 import torch
 from helpers import (
     FAMILIES,
-    check_merge_round_trip,
     config,
     inputs,
     method_cfg,
@@ -122,33 +123,28 @@ def adapted_blocks(adapted: AdaptedModel):
 # ---------------------------------------------------------------- zero delta, merge
 
 
+@functools.cache
+def _tiny(family: str) -> torch.nn.Module:
+    return tiny_model(family)
+
+
+@functools.cache
+def _default_cfg(method: str):
+    return method_cfg(method, budget=METHODS[method])
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("family", FOUR)
-def test_zero_initialised_variant_reproduces_the_frozen_model_exactly(family, method):
-    model = tiny_model(family)
-    batch = inputs(family)
-    reference = output(model, batch)
-    adapted = kmix(model, method)
+def test_only_the_output_side_factors_start_at_zero(family, method):
+    # (that the variant then gives the frozen model's outputs, and merges, is checked in tests/test_matrix.py)
+    model = copy.deepcopy(_tiny(family))
+    adapted = apply_method(model, describe(model), _default_cfg(method))
     heads = branches(adapted)
     assert heads and all(torch.count_nonzero(b.head_out) == 0 for b in heads)
     assert all(torch.count_nonzero(b.head_in) > 0 for b in heads)  # only the output side is zero
     assert all(b.head_bias is None or torch.count_nonzero(b.head_bias) == 0 for b in heads)
     assert (all(b.head_bias is None for b in heads)) == (family in ("t5", "llama"))  # auto: no β there
     assert all(torch.count_nonzero(b.lora_B) == 0 for b in branches(adapted, LoRA))
-    assert torch.equal(output(model, batch), reference)
-
-
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("family", FOUR)
-def test_merge_equals_unmerged_and_unmerge_restores_the_weights(family, method):
-    model = tiny_model(family)
-    batch = inputs(family)
-    frozen = output(model, batch)
-    adapted = kmix(model, method)
-    randomise(adapted)
-    unmerged = output(model, batch)
-    assert (unmerged - frozen).abs().max() > 1e-2 * frozen.abs().max()  # the delta is far above 1e-5
-    check_merge_round_trip(adapted, batch, list(adapted.all_components()), unmerged)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "roberta_cls"])
@@ -323,32 +319,6 @@ def test_gpt2_lite_branch_reads_the_keys_of_c_attn_and_trains():
 
 
 # ---------------------------------------------------------------- KV cache
-
-
-@torch.no_grad()
-def incremental_logits(model, ids: torch.Tensor, prompt: int = 3) -> torch.Tensor:
-    out = model(input_ids=ids[:, :prompt], use_cache=True)
-    logits, past = [out.logits], out.past_key_values
-    for t in range(prompt, ids.shape[1]):
-        out = model(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
-        logits.append(out.logits)
-        past = out.past_key_values
-    return torch.cat(logits, dim=1)
-
-
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_kv_cache_decoding_equals_full_recompute(family, method):
-    model = tiny_model(family)
-    adapted = kmix(model, method)
-    randomise(adapted)
-    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        full = model(input_ids=ids).logits
-    torch.testing.assert_close(incremental_logits(model, ids), full, rtol=1e-5, atol=1e-5)
-    base = tiny_model(family)
-    with torch.no_grad():
-        assert (base(input_ids=ids).logits - full).abs().max() > 1e-3  # the adapter matters
 
 
 @torch.no_grad()

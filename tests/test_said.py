@@ -100,13 +100,10 @@ def test_fastfood_is_reproducible_from_the_seed_only():
 
 # ---------------------------------------------------------------- SAID on the four families
 @pytest.mark.parametrize("family", ["gpt2", "roberta_cls", "t5", "llama"])
-def test_said_at_zero_is_the_frozen_model_exactly(family):
-    model = tiny_model(family)
-    batch = inputs(family)
-    frozen = output(model, batch)
-    adapted, comp = said(model)
+def test_said_starts_at_theta_zero_and_lambda_one(family):
+    # (that it then gives the frozen model's outputs exactly is checked in tests/test_matrix.py)
+    _, comp = said(tiny_model(family))
     assert comp.theta_d.abs().sum() == 0 and torch.equal(comp.lambdas, torch.ones(len(comp.pieces)))
-    assert torch.equal(output(model, batch), frozen)
 
 
 def _explicit(frozen, comp: SAID) -> torch.nn.Module:
