@@ -224,7 +224,7 @@ CASES = [
          files(p="1\n")),
     Case("score-no-task", "score", ["predictions=p"], "no task"),
     # tables, count, bench
-    Case("tables-unknown-experiment", "tables", ["experiment=nosuch"], "unknown experiment 'nosuch'"),
+    Case("tables-unknown-experiment", "tables", ["experiment=nosuch"], "experiment 'nosuch' has no records"),
     Case("tables-out-under-a-file", "tables",
          ["experiment=table_smoke", "output_root={case}/runs", "--out", "{case}/file/tables", "--no-figure"],
          "file/tables", files(file="x")),
