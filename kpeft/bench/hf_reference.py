@@ -1,4 +1,4 @@
-"""``python -m kpeft.bench.hf_reference SPEC.json``: the job of ``kpeft.bench --runs`` written as a
+"""``python -m kpeft.bench.hf_reference JOB.json``: the job of ``kpeft.bench --runs`` written as a
 user would write it without kpeft — ``transformers.Trainer`` + PEFT LoRA, the same model, data,
 epochs, batch sizes, learning-rate schedule (linear warm-up and decay), AdamW settings, clipping,
 max length, per-epoch validation loss with the best epoch's adapter loaded at the end.
