@@ -116,6 +116,35 @@ def test_prefix_equals_naive_per_head_attention_over_concatenated_keys_and_value
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "roberta_base", "t5"])
+def test_the_fused_attention_equals_the_explicit_softmax_with_its_gradients(family, monkeypatch):
+    """A prefix-only site runs scaled_dot_product_attention; the explicit softmax path (what an
+    inducer site runs) gives the same outputs and gradients (padding, GQA, T5's bias included)."""
+    from kpeft.methods.attention_site import AttentionSite
+    from kpeft.methods.prefix import PrefixLayer
+
+    batch, fused_calls = inputs(family), []
+    plain_fused = AttentionSite._fused
+    monkeypatch.setattr(AttentionSite, "_fused", staticmethod(lambda *a: fused_calls.append(1) or plain_fused(*a)))
+
+    def run_once() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        adapted = adapt(family)
+        out = adapted.model(**batch)
+        main = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        main.pow(2).mean().backward()
+        return main.detach(), {n: p.grad for n, p in adapted.trainable_parameters()}
+
+    fused, fused_grads = run_once()
+    n_fused = len(fused_calls)
+    monkeypatch.setattr(PrefixLayer, "needs_scores", True)
+    explicit, explicit_grads = run_once()
+    assert n_fused == adapt(family).components["prefix"][0].n_layers and len(fused_calls) == n_fused
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
+    assert fused_grads.keys() == explicit_grads.keys()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, explicit_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 # ---------------------------------------------------------------- cache, generation, causality, padding
 
 

@@ -30,6 +30,13 @@ components find themselves on it: an :class:`AttentionSite` installed as the sub
 3. ``transform_output(call, f)`` — may change the per-head output ``f (B, H, n, p)`` before the
    heads are merged and W_o is applied (the inducer).
 
+When no component of a site reads ``call.logits`` / ``call.scores`` (``needs_scores = False``:
+prefix-tuning), step 2 is ``torch.nn.functional.scaled_dot_product_attention`` on the same
+extended keys, values and additive mask (+ position bias): the same function up to float
+rounding, without materialising the attention probabilities for backward (the fused kernels on
+GPU); the attention weights returned to transformers are then ``None``, as with
+``attn_implementation="sdpa"``.
+
 Components that need the **pre-RoPE query** (the inducer on Llama: docs/methods.md) get it as
 ``call.query_pre``: on rotary backbones the site taps the q projection's output (a forward hook on
 the q projection, wrapped once in :class:`~kpeft.methods.base.AdaptedProjection` so that a LoRA
@@ -107,6 +114,9 @@ class AttentionComponent(Component):
     site: ClassVar[str] = "attention"
     mergeable: ClassVar[bool] = False
     needs_query_pre_rope: ClassVar[bool] = False
+    # Whether transform_output reads call.logits / call.scores; a site whose components all say no
+    # runs the fused ``scaled_dot_product_attention`` (no (n × N) score tensor kept for backward).
+    needs_scores: ClassVar[bool] = True
 
     def extend_kv(self, call: AttentionCall) -> None:
         """Prepend keys/values (and mask/bias columns) to ``call``; default: nothing."""
@@ -204,6 +214,11 @@ class AttentionSite(nn.Module):
             comp.extend_kv(call)
         n_rep = query.shape[1] // call.key.shape[1]
         keys, values = repeat_kv(call.key, n_rep), repeat_kv(call.value, n_rep)
+        if not any(getattr(comp, "needs_scores", True) for comp in self.components):
+            out = self._fused(call, module, keys, values)
+            for comp in self.components:
+                out = comp.transform_output(call, out)
+            return out.transpose(1, 2).contiguous(), None
         logits = torch.matmul(query, keys.transpose(2, 3)) * call.scaling
         if call.position_bias is not None:
             logits = logits + call.position_bias
@@ -220,6 +235,21 @@ class AttentionSite(nn.Module):
         for comp in self.components:
             out = comp.transform_output(call, out)
         return out.transpose(1, 2).contiguous(), probs
+
+
+    @staticmethod
+    def _fused(call: AttentionCall, module: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``softmax(S) V`` by ``scaled_dot_product_attention``: S's mask and position bias as one
+        additive float mask."""
+        mask = call.mask
+        if call.position_bias is not None:
+            mask = call.position_bias if mask is None else mask + call.position_bias
+        if mask is None and call.causal and call.query.shape[-2] > 1:
+            mask = call.causal_mask(call.query.dtype)
+        if mask is not None:
+            mask = mask.to(call.query.dtype)
+        p = call.dropout if module.training else 0.0
+        return F.scaled_dot_product_attention(call.query, keys, values, attn_mask=mask, dropout_p=p, scale=call.scaling)
 
 
 def get_site(att: Attention) -> AttentionSite:

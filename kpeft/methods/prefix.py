@@ -140,6 +140,8 @@ class PrefixTuning(AttentionComponent):
 class PrefixLayer(nn.Module):
     """Layer ℓ's handle on the shared :class:`PrefixTuning` (no parameters of its own)."""
 
+    needs_scores = False  # extra keys/values only: the site may use the fused attention
+
     def __init__(self, prefix: PrefixTuning, index: int):
         super().__init__()
         object.__setattr__(self, "prefix", prefix)  # not a submodule: owned by the model root
