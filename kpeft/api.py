@@ -130,8 +130,12 @@ def embedding_rows(adapted: AdaptedModel) -> tuple[int, int] | None:
 
 
 def typed_method(data: dict) -> DictConfig:
-    """A saved method config as the typed schema (each component as its kind's schema)."""
-    components = data.get("components") or {}
+    """A saved method config as the typed schema (each component as its kind's schema). A config
+    saved when ``train_layernorm`` was a component key is read as the method's key."""
+    components = {name: dict(comp) for name, comp in (data.get("components") or {}).items()}
+    moved = [bool(comp.pop("train_layernorm")) for comp in components.values() if "train_layernorm" in comp]
+    if moved and "train_layernorm" not in data:
+        data = {**data, "train_layernorm": any(moved)}
     method = OmegaConf.merge(OmegaConf.structured(MethodConfig), {k: v for k, v in data.items() if k != "components"})
     for name, comp in components.items():
         schema = COMPONENT_SCHEMAS.get(comp.get("kind"))

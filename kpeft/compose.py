@@ -111,6 +111,14 @@ def _schema_fields(schema: object) -> list[str] | None:
     return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
 
 
+def _moved(key: str) -> str:
+    """The hint for a key that moved: a component's ``train_layernorm`` is the method's now."""
+    if key.startswith("method.components.") and key.endswith(".train_layernorm"):
+        return ("; train_layernorm is a key of the method (one switch for the whole backbone): "
+                "method.train_layernorm=true|false, or budget.<method>.train_layernorm")
+    return ""
+
+
 def _composition_error(err: BaseException) -> str:
     """Hydra's message plus the reason OmegaConf gave (``... could not be converted to Float``);
     a key missing from a typed schema is named with the schema's fields, not with Hydra's advice
@@ -122,7 +130,7 @@ def _composition_error(err: BaseException) -> str:
     valid = _schema_fields(schema)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and valid is not None:
         key = getattr(cause, "full_key", None) or "?"
-        return f"unknown key '{key}'; {schema.__name__} has: {', '.join(valid)}"
+        return f"unknown key '{key}'; {schema.__name__} has: {', '.join(valid)}{_moved(str(key))}"
     return f"{_one_line(err)}: {_one_line(cause)}"
 
 
@@ -133,7 +141,8 @@ def check_unknown_keys(node: DictConfig, path: str = "") -> None:
     for key in node.keys():
         full = f"{path}.{key}" if path else str(key)
         if valid is not None and key not in valid:
-            raise KpeftError(f"unknown key '{full}'; {OmegaConf.get_type(node).__name__} has: {', '.join(valid)}")
+            raise KpeftError(f"unknown key '{full}'; {OmegaConf.get_type(node).__name__} has: {', '.join(valid)}"
+                             f"{_moved(full)}")
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not (child._is_missing() or child._is_none() or child._is_interpolation()):
             check_unknown_keys(child, full)

@@ -66,7 +66,6 @@ class LoRAConfig(ComponentConfig):
     init: str = "kaiming_zero"  # kaiming_zero | houlsby | zero_zero (both zero; tests only)
     # Which attention modules: self | cross | all (T5 decoder cross-attention).
     attention: str = "self"
-    train_layernorm: bool = False  # also train every LayerNorm (our KronA reconstruction, docs/deviations.md)
 
 
 @dataclass
@@ -145,7 +144,6 @@ class KronAConfig(ComponentConfig):
     scale: float = 1.0  # s (1 in all of KronA's experiments)
     init: str = "kaiming_zero"  # kaiming_zero (A ~ KU, B = 0) | normal (both N(0, 1/d_in)) | zero_zero
     attention: str = "self"  # self | cross | all
-    train_layernorm: bool = False  # also train every LayerNorm (our KronA reconstruction, docs/deviations.md)
 
 
 @dataclass
@@ -162,7 +160,6 @@ class KronABConfig(ComponentConfig):
     residual_scale: float | None = None  # initial s_res (learnable); null = no residual term
     residual_sharing: str = "module"  # module (one s_res per Kronecker module) | ffn | model
     init: str = "kaiming_zero"  # kaiming_zero | normal | zero_zero
-    train_layernorm: bool = False  # also train every LayerNorm (our KronA reconstruction, docs/deviations.md)
 
 
 @dataclass
@@ -252,7 +249,6 @@ class AdapterConfig(ComponentConfig):
     scale: float = 1.0  # s
     dropout: float = 0.0  # on the bottleneck (after the activation)
     init: str = "hf_normal"  # hf_normal: N(0, 0.02) weights, zero biases | lora: down Kaiming, up 0 | zero_zero
-    train_layernorm: bool = False  # also train the backbone's LayerNorms (the Compacter recipe)
 
 
 @dataclass
@@ -269,7 +265,6 @@ class CompacterConfig(ComponentConfig):
     layernorm: bool = False  # a trainable LayerNorm on each adapter's input
     act: str = "gelu_new"
     rule_init_std: float = 1e-4
-    train_layernorm: bool = False  # also train the backbone's LayerNorms (the Compacter recipe)
 
 
 # ---- Multi-head parallel adapter / prompt tuning schemas (He et al. 2022 §3.3; Lester et al. 2021) ----
@@ -290,7 +285,6 @@ class MHParallelAdapterConfig(ComponentConfig):
     dropout: float | None = None  # on the bottleneck; null = the attention's dropout (official code)
     init: str = "lora"  # lora: W_down Kaiming-uniform, W_up 0 | hf_normal: N(0, 0.02) | zero_zero
     attention: str = "self"  # self | cross | all
-    train_layernorm: bool = False  # also train the backbone's LayerNorms (t5_glue: the Compacter recipe)
 
 
 @dataclass
@@ -333,6 +327,9 @@ class MethodConfig:
     components: dict[str, Any] = field(default_factory=dict)
     # Train the task head (classifier) that a pretrained backbone lacks; never counted.
     train_task_head: bool = True
+    # Also train every LayerNorm/RMSNorm of the backbone (the Compacter recipe; our KronA reconstruction,
+    # docs/deviations.md). Methods that size it set it from their budget: budget.<method>.train_layernorm.
+    train_layernorm: bool = False
 
 
 # ---------------------------------------------------------------- budget

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kpeft.errors import ArgumentParser, KpeftError, user_errors
-from kpeft.records import SCHEMA_VERSION, provenance, write_json_atomic
+from kpeft.records import evaluation_record, write_json_atomic
 
 CHECKPOINTS = ("best", "last")
 
@@ -90,13 +90,8 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", o
     trainer = Trainer(cfg, adapted, task, {**splits, "train": splits.get("train") or splits[split]},
                       folder / name, accelerator)
     metrics = trainer.evaluate(split, save_examples=True)
-    record = {
-        "status": "complete", "kind": "evaluation", "schema": SCHEMA_VERSION, "run_dir": str(run_dir),
-        "split": split, "checkpoint": checkpoint, "overrides": list(overrides),
-        "metric": cfg.task.metric, "score": metrics.get(cfg.task.metric), "metrics": {split: metrics},
-        "examples": str(folder / name), "timing": {"wall_seconds": round(time.perf_counter() - t0, 3)},
-        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), **provenance(),
-    }
+    record = evaluation_record(cfg, run_dir, split, checkpoint, list(overrides), metrics, folder / name,
+                               wall_seconds=time.perf_counter() - t0)
     path = folder / f"{name}.json"
     if accelerator.is_main_process:
         write_json_atomic(path, record)

@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from kpeft import datafiles
 from kpeft.paths import REPO_ROOT
 
@@ -114,6 +116,65 @@ def write_record(run_dir: str | Path, record: dict[str, Any], force: bool = Fals
         path.rename(path.with_name(f"record.{stamp}.json"))
     write_json_atomic(path, record)
     return path
+
+
+def complete_record(cfg: Any, run_dir: str | Path, metrics: dict[str, Any], params: dict[str, Any],
+                    training: dict[str, Any], train_seconds: float, wall_seconds: float) -> dict[str, Any]:
+    """The ``status: complete`` record of `cfg`'s run (kpeft.train): `metrics` by split, `params`
+    (the counts), `training` (the trainer's summary), timings, the config and :func:`provenance`."""
+    return {
+        "status": "complete",
+        "schema": SCHEMA_VERSION,
+        "run_dir": str(run_dir),
+        "experiment": cfg.experiment,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "method": cfg.method.name,
+        "budget": cfg.budget.name,
+        "seed": cfg.seed,
+        "run_id": cfg.run_id,
+        "overrides": list(cfg.run_overrides),
+        "metric": cfg.task.metric,
+        "score": metrics[cfg.split].get(cfg.task.metric),
+        "metrics": metrics,
+        "params": params,
+        "training": training,
+        "timing": {"train_seconds": round(train_seconds, 3), "wall_seconds": round(wall_seconds, 3)},
+        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False),
+        **provenance(),
+    }
+
+
+def failed_record(cfg: Any, error: str, tail: list[str]) -> dict[str, Any]:
+    """The ``status: failed`` record of `cfg`'s run (kpeft.train; also written by the kpeft sweeper
+    for a job whose process died without writing one, hydra_plugins/kpeft_sweeper)."""
+    return {
+        "status": "failed", "schema": SCHEMA_VERSION, "run_dir": str(cfg.run_dir), "experiment": cfg.experiment,
+        "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
+        "budget": cfg.budget.name, "seed": cfg.seed, "error": error,
+        "traceback": tail, "config": _container(cfg), **provenance(),
+    }
+
+
+def _container(cfg: Any) -> dict[str, Any]:
+    """The config resolved where it can be (a failure may come from a value that cannot)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def evaluation_record(cfg: Any, run_dir: str | Path, split: str, checkpoint: str, overrides: list[str],
+                      metrics: dict[str, Any], examples: str | Path, wall_seconds: float) -> dict[str, Any]:
+    """The record of a finished run evaluated again (kpeft.evaluate): `metrics` on `split` from
+    `checkpoint` with `overrides`; its per-example files are under `examples`."""
+    return {
+        "status": "complete", "kind": "evaluation", "schema": SCHEMA_VERSION, "run_dir": str(run_dir),
+        "split": split, "checkpoint": checkpoint, "overrides": list(overrides),
+        "metric": cfg.task.metric, "score": metrics.get(cfg.task.metric), "metrics": {split: metrics},
+        "examples": str(examples), "timing": {"wall_seconds": round(wall_seconds, 3)},
+        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False), **provenance(),
+    }
 
 
 def iter_records(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:

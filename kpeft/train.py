@@ -34,7 +34,7 @@ from kpeft.errors import KpeftError, user_errors
 from kpeft.methods import AdaptedModel, apply_method
 from kpeft.methods.vocabulary import add_vocabulary_rows
 from kpeft.paths import check_writable_dir
-from kpeft.records import SCHEMA_VERSION, is_complete, provenance, read_record, write_record
+from kpeft.records import complete_record, failed_record, is_complete, read_record, write_record
 from kpeft.runid import difference, semantic, write_overrides
 from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
@@ -177,27 +177,8 @@ def _train(cfg: DictConfig, run_dir: Path, accelerator: Any) -> dict[str, Any]:
     trainer.load_best()
     metrics[cfg.split] = trainer.evaluate(cfg.split, save_examples=True)
     metrics["validation_loss"] = _finite(state.best_val_loss)
-    record = {
-        "status": "complete",
-        "schema": SCHEMA_VERSION,
-        "run_dir": str(run_dir),
-        "experiment": cfg.experiment,
-        "task": cfg.task.name,
-        "model": cfg.model.name,
-        "method": cfg.method.name,
-        "budget": cfg.budget.name,
-        "seed": cfg.seed,
-        "run_id": cfg.run_id,
-        "overrides": list(cfg.run_overrides),
-        "metric": cfg.task.metric,
-        "score": metrics[cfg.split].get(cfg.task.metric),
-        "metrics": metrics,
-        "params": counts.as_dict(),
-        "training": trainer.summary(state),
-        "timing": {"train_seconds": round(state.train_seconds, 3), "wall_seconds": round(time.perf_counter() - t0, 3)},
-        "config": OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False),
-        **provenance(),
-    }
+    record = complete_record(cfg, run_dir, metrics, counts.as_dict(), trainer.summary(state),
+                             train_seconds=state.train_seconds, wall_seconds=time.perf_counter() - t0)
     if accelerator.is_main_process:
         path = write_record(run_dir, record, force=cfg.force)
         log.info("%s = %.2f  →  %s", cfg.task.metric, record["score"], path)
@@ -216,25 +197,6 @@ def write_failure(cfg: DictConfig, err: BaseException) -> Path | None:
         return None
     tail = "".join(traceback.format_exception(err)).splitlines()[-30:]
     return write_record(run_dir, failed_record(cfg, f"{type(err).__name__}: {err}", tail))
-
-
-def failed_record(cfg: DictConfig, error: str, tail: list[str]) -> dict[str, Any]:
-    """The ``status: failed`` record of `cfg`'s run (also written by the kpeft sweeper for a job whose
-    process died without writing one, hydra_plugins/kpeft_sweeper)."""
-    return {
-        "status": "failed", "schema": SCHEMA_VERSION, "run_dir": str(cfg.run_dir), "experiment": cfg.experiment,
-        "task": cfg.task.name, "model": cfg.model.name, "method": cfg.method.name,
-        "budget": cfg.budget.name, "seed": cfg.seed, "error": error,
-        "traceback": tail, "config": _container(cfg), **provenance(),
-    }
-
-
-def _container(cfg: DictConfig) -> dict[str, Any]:
-    """The config resolved where it can be (a failure may come from a value that cannot)."""
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def _in_multirun() -> bool:

@@ -57,10 +57,10 @@ def of_type(adapted, cls) -> list:
         # Compacter k 192, n 4: 24 × 2,880 + 64 (one shared rule); + a LayerNorm per adapter.
         (["model=gpt2", "method=compacter", "budget=tiny", "budget.compacter.layernorm=false"], 69_184, 69_184),
         (["model=gpt2", "method=compacter", "budget=tiny"], 106_048, 106_048),
-        (["model=gpt2", "method=compacter", "budget=tiny", "method.components.compacter.train_layernorm=true"],
+        (["model=gpt2", "method=compacter", "budget=tiny", "method.train_layernorm=true"],
          106_048 + 25 * 1_536, 106_048 + 25 * 1_536),
         (["model=gpt2", "method=compacter", "budget=tiny", "budget.compacter.layernorm=false",
-          "method.components.compacter.train_layernorm=true"], 107_584, 107_584),  # Karimi Mahabadi et al. 2021
+          "method.train_layernorm=true"], 107_584, 107_584),  # Karimi Mahabadi et al. 2021
     ],
 )
 def test_adapter_counts(args, trainable, stored, capsys):

@@ -128,6 +128,32 @@ def test_lora_yaml_values_reach_the_typed_component():
     assert (lora.r, lora.alpha, lora.dropout, lora.init) == (54, 32.0, 0.1, "kaiming_zero")
 
 
+def test_train_layernorm_is_one_key_of_the_method_set_by_the_budget():
+    cfg = compose(["model=t5_base", "method=krona", "budget=t5_glue"])
+    assert cfg.method.train_layernorm is True and "train_layernorm" not in cfg.method.components.krona
+    assert compose(["method=krona", "budget=t5_glue", "budget.krona.train_layernorm=false"]).method.train_layernorm is False
+    assert compose(["method=lora", "budget=small", "method.train_layernorm=true"]).method.train_layernorm is True
+
+
+def test_a_saved_component_train_layernorm_is_read_as_the_methods():
+    """Configs saved when every component had its own ``train_layernorm`` (records, checkpoints)."""
+    from kpeft.api import typed_method
+
+    saved = {"name": "krona", "components": {"krona": {"kind": "krona", "a_shape": [32, 24], "b_shape": [24, 32],
+                                                        "train_layernorm": True}}}
+    method = typed_method(saved)
+    assert method.train_layernorm is True and "train_layernorm" not in method.components.krona
+    assert "train_layernorm" in saved["components"]["krona"]  # the caller's dict is left as it was
+
+
+@pytest.mark.parametrize("override", ["method.components.lora.train_layernorm=true",
+                                      "+method.components.lora.train_layernorm=true"])
+def test_a_component_train_layernorm_names_the_method_key(override):
+    with pytest.raises(KpeftError, match=r"unknown key 'method.components.lora.train_layernorm'.*"
+                                         r"method.train_layernorm=true\|false"):
+        compose(["method=lora", "budget=small", override])
+
+
 # ---------------------------------------------------------------- errors
 
 

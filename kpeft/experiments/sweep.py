@@ -96,9 +96,8 @@ def record_lost(jobs: Sequence[Job], error: str) -> list[Job]:
     died: killed, out of memory, a cluster's time limit), so that the table counts it and the next
     sweep retries it. A directory that a live process holds (kpeft/runlock.py) is left alone.
     Returns the jobs so recorded."""
-    from kpeft.records import write_record
+    from kpeft.records import failed_record, write_record
     from kpeft.runlock import RunLock, RunLocked
-    from kpeft.train import failed_record
 
     lost = []
     for job in jobs:

@@ -34,7 +34,6 @@ from transformers.activations import ACT2FN
 from kpeft.backbones.anatomy import Layer
 from kpeft.methods.base import Component
 from kpeft.methods.block import BlockComponent, add_child, attach_parallel_ffn, remove_child
-from kpeft.methods.parameters import LayerNormTuning
 from kpeft.methods.registry import BuildContext, register
 
 SEQUENTIAL_ATTR = "kpeft_sequential"
@@ -171,10 +170,8 @@ def build_adapters(cfg: DictConfig, ctx: BuildContext) -> list[Adapter]:
 
 @register("adapter")
 def build_adapter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    """One bottleneck adapter per layer at ``cfg.placement`` (+ the backbone's LayerNorms with
-    ``cfg.train_layernorm``, the Compacter recipe)."""
-    extra: list[Component] = [LayerNormTuning()] if cfg.get("train_layernorm", False) else []
-    return [*build_adapters(cfg, ctx), *extra]
+    """One bottleneck adapter per layer at ``cfg.placement``."""
+    return build_adapters(cfg, ctx)
 
 
 # ---------------------------------------------------------------- Compacter (PHM)
@@ -268,8 +265,7 @@ def build_compacter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     for module, comp in comps:
         comp.train(_training(ctx))
         attach_sequential(module, comp)
-    extra: list[Component] = [LayerNormTuning()] if cfg.train_layernorm else []
-    return [c for _, c in comps] + extra
+    return [c for _, c in comps]
 
 
 __all__ = ["Adapter", "CompacterAdapter", "PHMLinear", "SequentialHandle", "attach_sequential"]

@@ -21,7 +21,7 @@
 
 Init (Table 4): ``A ~`` Kaiming-uniform(a=√5) as torch applies it to the stored ``(m1, n1)`` tensor
 (bound ``1/√n1``), ``B = 0`` ⇒ ``ΔW = 0``; ``s = 1`` (KronA). Our reconstruction (docs/deviations.md) of the
-0.07% budget also trains T5's LayerNorms (``train_layernorm``).
+0.07% budget also trains T5's LayerNorms (the method's ``train_layernorm``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from torch import nn
 from kpeft.backbones.anatomy import Projection
 from kpeft.methods.base import Component, WeightComponent, attach_weight_component
 from kpeft.methods.block import BlockComponent, attach_parallel_ffn
-from kpeft.methods.parameters import LayerNormTuning
 from kpeft.methods.registry import BuildContext, register
 
 Shape = tuple[int, int]
@@ -168,10 +167,6 @@ class KronA(WeightComponent):
         )
 
 
-def _layernorm(cfg: DictConfig) -> list[Component]:
-    return [LayerNormTuning()] if cfg.train_layernorm else []
-
-
 @register("krona")
 def build_krona(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """KronA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all); every
@@ -184,7 +179,7 @@ def build_krona(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
             comps.append(KronA(proj, cfg.a_shape, cfg.b_shape, scale=cfg.scale, init=cfg.init, where=where))
     for comp in comps:
         attach_weight_component(comp)
-    return [*comps, *_layernorm(cfg)]
+    return list(comps)
 
 
 # ---------------------------------------------------------------- KronA^B(_res) (block site)
@@ -289,7 +284,7 @@ def _build_krona_b(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
         )
     for layer, comp in zip(ctx.anatomy.layers, comps, strict=True):
         attach_parallel_ffn(layer, comp)
-    return [*comps, *_layernorm(cfg)]
+    return list(comps)
 
 
 @register("krona_b")

@@ -23,7 +23,6 @@ from kpeft.methods.base import (
     init_output_factor,
 )
 from kpeft.methods.dropout import branch_dropout
-from kpeft.methods.parameters import LayerNormTuning
 from kpeft.methods.registry import BuildContext, bias_flag, register
 
 
@@ -79,8 +78,7 @@ class LoRA(WeightComponent):
 
 @register("lora")
 def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all); with
-    ``cfg.train_layernorm`` every LayerNorm trains too (docs/deviations.md)."""
+    """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all)."""
     comps: list[Component] = []
     for _, att in ctx.anatomy.attentions(cfg.attention):
         for target in cfg.targets:
@@ -91,6 +89,4 @@ def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
             )
             attach_weight_component(comp)
             comps.append(comp)
-    if cfg.get("train_layernorm", False):
-        comps.append(LayerNormTuning())
     return comps

@@ -47,7 +47,6 @@ from kpeft.backbones.anatomy import Attention, Projection
 from kpeft.methods.attention_site import AttentionCall, AttentionComponent, get_site, use_kpeft_attention
 from kpeft.methods.base import Component
 from kpeft.methods.block import _first_tensor
-from kpeft.methods.parameters import LayerNormTuning
 from kpeft.methods.registry import BuildContext, register
 
 INPUTS = ("query", "hidden")
@@ -188,8 +187,7 @@ def attach_mh_adapter(att: Attention, adapter: MultiHeadParallelAdapter) -> None
 
 @register("mh_parallel_adapter")
 def build_mh_parallel_adapter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
-    """A :class:`MultiHeadParallelAdapter` on every ``cfg.attention`` module (and, with
-    ``cfg.train_layernorm``, the backbone's LayerNorms: the t5_glue recipe)."""
+    """A :class:`MultiHeadParallelAdapter` on every ``cfg.attention`` module."""
     use_kpeft_attention(ctx.model)
     std = float(getattr(getattr(ctx.model, "config", None), "initializer_range", 0.02) or 0.02)
     comps: list[MultiHeadParallelAdapter] = []
@@ -206,8 +204,7 @@ def build_mh_parallel_adapter(cfg: DictConfig, ctx: BuildContext) -> list[Compon
         comps.append(adapter)
     if not comps:
         raise ValueError(f"no {cfg.attention} attention modules for mh_parallel_adapter")
-    extra: list[Component] = [LayerNormTuning()] if cfg.get("train_layernorm", False) else []
-    return [*comps, *extra]
+    return list(comps)
 
 
 __all__ = ["MultiHeadParallelAdapter", "attach_mh_adapter", "mh_adapter_params"]

@@ -2,7 +2,8 @@
 
 ``apply_method(model, method_cfg)`` freezes the backbone, builds every component the method
 declares (``method.components.<name>.kind`` picks a builder registered here), installs them at
-their sites, and returns an :class:`AdaptedModel` that counts, merges and saves them.
+their sites (with ``method.train_layernorm``, the backbone's LayerNorms train too), and returns an
+:class:`AdaptedModel` that counts, merges and saves them.
 
 Adding a component kind = a schema in ``kpeft/config.py`` + a builder registered with
 ``@register("<kind>")`` in the component's own module, imported by ``kpeft/methods/__init__.py``.
@@ -33,6 +34,8 @@ class BuildContext:
     # implementation and hook its position embeddings).
     model: Any = None
 
+
+LAYERNORM = "train_layernorm"  # the entry of method.train_layernorm in AdaptedModel.components
 
 # A builder walks the anatomy, creates its components, attaches them, and returns them.
 Builder = Callable[[DictConfig, BuildContext], list[Component]]
@@ -77,6 +80,10 @@ def apply_method(model, anatomy: Anatomy, method: DictConfig, fidelity: str = "p
             components[name] = builder(ccfg, ctx)
         except (ValueError, NotImplementedError) as err:
             raise KpeftError(f"method '{method.name}' does not fit backbone '{anatomy.family}': {err}") from None
+    if method.get("train_layernorm", False):
+        from kpeft.methods.parameters import LayerNormTuning  # (parameters.py registers builders here)
+
+        components[LAYERNORM] = [LayerNormTuning()]
     adapted = AdaptedModel(model, anatomy, components, backbone_total=total)
     adapted.set_trainable(train_task_head=method.train_task_head)
     if adapted.count().trainable == 0 and method.components:

@@ -128,7 +128,7 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(n_train, self.tcfg.batch_size)
         self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        if self.tcfg.get("gradient_checkpointing"):
+        if self.tcfg.gradient_checkpointing:
             enable_gradient_checkpointing(adapted.model)
         optimizer = build_optimizer(adapted.trainable_parameters(), self.tcfg)
         self.scheduler = linear_schedule(optimizer, warmup_steps(self.tcfg, self.total_steps), self.total_steps)
@@ -253,7 +253,7 @@ class Trainer:
                            {"train/loss": loss, "train/lr": lr})
                 if state.global_step == self.tcfg.crash_after_steps:
                     raise SimulatedCrash(f"simulated crash after step {state.global_step}")
-                every = self.tcfg.get("eval_every_steps") or 0
+                every = self.tcfg.eval_every_steps
                 if every and has_val and state.global_step % every == 0 and state.step_in_epoch < self.steps_per_epoch:
                     state.train_seconds += time.perf_counter() - start
                     entry = {"epoch": state.epoch, "step": state.global_step}
@@ -274,7 +274,7 @@ class Trainer:
     @property
     def group_by_length(self) -> bool:
         """``train.group_by_length``; unset: on for generation tasks (causal LM, seq2seq)."""
-        flag = self.tcfg.get("group_by_length")
+        flag = self.tcfg.group_by_length
         return self.task.kind in ("causal_lm", "seq2seq") if flag is None else bool(flag)
 
     def epoch_order(self, epoch: int) -> list[int]:
@@ -336,7 +336,7 @@ class Trainer:
     def validation_metrics(self) -> dict[str, float]:
         """The task's metrics on the validation split (generation tasks: its first
         ``train.val_generation_examples`` items, nothing written)."""
-        cap = self.tcfg.get("val_generation_examples")
+        cap = self.tcfg.val_generation_examples
         self.task.generation_limit = cap if self.task.generates else None
         try:
             return self.evaluate("validation", save_examples=None)
@@ -345,7 +345,7 @@ class Trainer:
 
     def _validate(self, state: LoopState, logger: MetricsLogger, entry: dict[str, float]) -> None:
         """One validation: the loss (and the select_by metric); keep the best, count for early stopping."""
-        by = self.tcfg.get("select_by") or "val_loss"
+        by = self.tcfg.select_by
         val = self.evaluate_loss("validation")
         entry["val_loss"] = val
         logged = {"val/loss": val}
@@ -386,7 +386,7 @@ class Trainer:
             ckpt.load_adapter(best, self.adapted)
 
     def summary(self, state: LoopState) -> dict[str, Any]:
-        by = self.tcfg.get("select_by") or "val_loss"
+        by = self.tcfg.select_by
         validated = state.best_score is not None
         out = {
             "steps": state.global_step, "epochs": state.epoch, "best_epoch": state.best_epoch,
