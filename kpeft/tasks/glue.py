@@ -73,7 +73,7 @@ class GlueSpec:
     min_cols: int = 0  # rows with fewer columns are skipped (QQP has a few broken ones)
 
 
-SPECS = {
+GLUE_TASKS = {
     "sst2": GlueSpec("sst2", "SST-2", ("0", "1"), text_cols=(0, None), label_col=1),
     "cola": GlueSpec("cola", "CoLA", ("0", "1"), header=False, text_cols=(3, None), label_col=1),
     "mnli": GlueSpec("mnli", "MNLI", NLI3, text_cols=(8, 9), hub_text=("premise", "hypothesis")),
@@ -174,9 +174,9 @@ class Glue(BenchmarkTask):
     @property
     def spec(self) -> GlueSpec:
         name = self.options.get("glue_task")
-        if name not in SPECS:
-            raise KpeftError(f"task '{self.name}': task.options.glue_task must be one of {', '.join(SPECS)}")
-        return SPECS[name]
+        if name not in GLUE_TASKS:
+            raise KpeftError(f"task '{self.name}': task.options.glue_task must be one of {', '.join(GLUE_TASKS)}")
+        return GLUE_TASKS[name]
 
     @property
     def hub_name(self) -> str:  # type: ignore[override]
