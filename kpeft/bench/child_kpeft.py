@@ -31,8 +31,8 @@ def _timed_build(cfg):
     marks["startup"] = time.time()
     splits = task.load_splits()
     marks["data"] = time.time()
-    if hasattr(task, "score_generations"):
-        scorer = task.score_generations
+    scorer = getattr(task, "score_generations", None)  # timed separately: the "scoring" phase
+    if scorer is not None:
 
         def timed_score(*args, **kwargs):
             t = time.perf_counter()
