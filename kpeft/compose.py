@@ -18,6 +18,7 @@ from omegaconf.errors import (
     OmegaConfBaseException,
 )
 
+from kpeft.budget_match import MATCH
 from kpeft.config import CONF_DIR, register_configs
 from kpeft.errors import KpeftError
 from kpeft.validate import check_config
@@ -155,7 +156,7 @@ def budgets_sizing(section: str) -> list[str]:
 
 def check_method_fits_budget(cfg: DictConfig) -> None:
     """Resolve the method's sizes; a budget that does not size the method is an error."""
-    if cfg.budget.get("name") == "match" and cfg.budget.get("target") is None:
+    if cfg.budget.get("name") == MATCH and cfg.budget.get("target") is None:
         raise KpeftError("budget=match needs a target: add budget.target=<count> or budget.target=<pct>% "
                          "(e.g. budget.target=0.34%)")
     try:

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from kpeft import runid
+from kpeft.budget_match import MATCH, solve
 
 IDENTITY_KEYS = ("seed",)  # key overrides kept in the preset's own config (groups are always kept)
 _original = ConfigLoaderImpl.load_configuration
@@ -57,10 +58,8 @@ def _with_tables(cfg: DictConfig, overrides: list[Override]) -> DictConfig:
 
     cfg = apply_method_train(cfg)
     _reapply(cfg, overrides)
-    if cfg.budget.get("name") == "match" and cfg.budget.get("target") is not None:
-        from kpeft.budget_match import solve  # counts on the meta device: only for budget=match
-
-        cfg = solve(cfg)
+    if cfg.budget.get("name") == MATCH:
+        cfg = solve(cfg)  # counts on the meta device; a missing target is check_method_fits_budget's error
     return cfg
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from kpeft.backbones import HEADS_OF_FAMILY, describe
 from kpeft.backbones.loading import load_model
+from kpeft.budget_match import MATCH
 from kpeft.compose import compose
 from kpeft.errors import user_errors
 from kpeft.methods import ParamCount, apply_method
@@ -58,7 +59,7 @@ def format_count(cfg: DictConfig, count: ParamCount) -> str:
 
 def _solved_sizes(cfg: DictConfig) -> list[str]:
     """``budget=match``: the sizes solved for the target (kpeft/budget_match.py)."""
-    if cfg.budget.name != "match" or cfg.budget.get(cfg.method.name) is None:
+    if cfg.budget.name != MATCH or cfg.budget.get(cfg.method.name) is None:
         return []
     sizes = ", ".join(f"{k}={v}" for k, v in cfg.budget[cfg.method.name].items())
     return [f"sizes {sizes} (solved for budget.target={cfg.budget.target})"]

@@ -100,6 +100,13 @@ class AttentionCall:
         visible = torch.cat([torch.ones(n, self.n_prefix, dtype=torch.bool, device=device), k_pos <= q_pos], 1)
         return torch.zeros((), dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
 
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive mask S gets: the function's mask, or the causal mask where transformers
+        skipped it (an sdpa-style causal call with no padding); None when nothing is masked."""
+        if self.mask is None and self.causal and self.query.shape[-2] > 1:
+            return self.causal_mask(dtype)
+        return self.mask
+
     def query_positions(self) -> torch.Tensor:
         """Absolute 0-based positions ``(n,)`` of the queries (self-attention: past + index)."""
         n = self.query.shape[-2]
@@ -215,16 +222,14 @@ class AttentionSite(nn.Module):
         n_rep = query.shape[1] // call.key.shape[1]
         keys, values = repeat_kv(call.key, n_rep), repeat_kv(call.value, n_rep)
         if not any(getattr(comp, "needs_scores", True) for comp in self.components):
-            out = self._fused(call, module, keys, values)
+            out = self._fused(call, keys, values)
             for comp in self.components:
                 out = comp.transform_output(call, out)
             return out.transpose(1, 2).contiguous(), None
         logits = torch.matmul(query, keys.transpose(2, 3)) * call.scaling
         if call.position_bias is not None:
             logits = logits + call.position_bias
-        mask = call.mask
-        if mask is None and call.causal and query.shape[-2] > 1:  # an sdpa-style skipped causal mask
-            mask = call.causal_mask(logits.dtype)
+        mask = call.attention_mask(logits.dtype)
         scores = logits + mask if mask is not None else logits
         # At least float32 (fp16/bf16 upcast), never less than the scores' own precision: a float64
         # row that is fully masked (a left pad) must not turn into -inf everywhere (NaN).
@@ -236,19 +241,17 @@ class AttentionSite(nn.Module):
             out = comp.transform_output(call, out)
         return out.transpose(1, 2).contiguous(), probs
 
-
     @staticmethod
-    def _fused(call: AttentionCall, module: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _fused(call: AttentionCall, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``softmax(S) V`` by ``scaled_dot_product_attention``: S's mask and position bias as one
         additive float mask."""
-        mask = call.mask
+        dtype = call.query.dtype
+        mask = call.attention_mask(dtype)
         if call.position_bias is not None:
             mask = call.position_bias if mask is None else mask + call.position_bias
-        if mask is None and call.causal and call.query.shape[-2] > 1:
-            mask = call.causal_mask(call.query.dtype)
         if mask is not None:
-            mask = mask.to(call.query.dtype)
-        p = call.dropout if module.training else 0.0
+            mask = mask.to(dtype)
+        p = call.dropout if call.training else 0.0
         return F.scaled_dot_product_attention(call.query, keys, values, attn_mask=mask, dropout_p=p, scale=call.scaling)
 
 
