@@ -346,12 +346,12 @@ class Trainer:
     def _validate(self, state: LoopState, logger: MetricsLogger, entry: dict[str, float]) -> None:
         """One validation: the loss (and the select_by metric); keep the best, count for early stopping."""
         by = self.tcfg.select_by
-        val = self.evaluate_loss("validation")
+        metrics = None if by == "val_loss" else self.validation_metrics()  # its "loss" is evaluate_loss's
+        val = self.evaluate_loss("validation") if metrics is None else metrics["loss"]
         entry["val_loss"] = val
         logged = {"val/loss": val}
         value = val
-        if by != "val_loss":
-            metrics = self.validation_metrics()
+        if metrics is not None:
             if not isinstance(metrics.get(by), (int, float)):
                 have = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, (int, float))))
                 raise KpeftError(f"train.select_by={by} is not a validation metric of task '{self.task.name}'; "
