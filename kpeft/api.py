@@ -22,9 +22,10 @@ from torch import nn
 
 from kpeft.backbones import describe
 from kpeft.compose import available, check_method_fits_budget, compose
-from kpeft.config import COMPONENT_SCHEMAS, Config, MethodConfig
+from kpeft.config import Config, MethodConfig
 from kpeft.errors import KpeftError
 from kpeft.methods import AdaptedModel, apply_method
+from kpeft.methods.registry import SCHEMAS
 from kpeft.methods.vocabulary import add_vocabulary_rows
 from kpeft.records import output_mode
 
@@ -138,7 +139,7 @@ def typed_method(data: dict) -> DictConfig:
         data = {**data, "train_layernorm": any(moved)}
     method = OmegaConf.merge(OmegaConf.structured(MethodConfig), {k: v for k, v in data.items() if k != "components"})
     for name, comp in components.items():
-        schema = COMPONENT_SCHEMAS.get(comp.get("kind"))
+        schema = SCHEMAS.get(comp.get("kind"))
         node = OmegaConf.merge(OmegaConf.structured(schema), comp) if schema else OmegaConf.create(comp)
         method.components[name] = node
     return method

@@ -175,9 +175,10 @@ def test_decode_section_drives_nlg_evaluation(make_cfg, tmp_path):
     beams (the predictions written are beam_decode's), capped by ``decode.max_new_tokens``."""
     import json
 
+    from helpers import FIXTURES
+
     from kpeft.paths import packaged_tokenizer
     from kpeft.train import build
-    from helpers import FIXTURES
 
     gpt2, webnlg = packaged_tokenizer("gpt2"), FIXTURES / "webnlg2017"
     cfg = make_cfg("model=tiny_gpt2", f"model.tokenizer={gpt2}", "task=webnlg", f"task.data_dir={webnlg}",

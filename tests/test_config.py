@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from kpeft.backbones import HEADS_OF_FAMILY, describe
 from kpeft.backbones.loading import load_model
 from kpeft.compose import available, check_choices, compose
-from kpeft.config import CONF_DIR, BudgetConfig, LoRAConfig, MethodConfig, ModelConfig, TaskConfig
+from kpeft.config import CONF_DIR, BudgetConfig, MethodConfig, ModelConfig, TaskConfig
 from kpeft.errors import KpeftError
+from kpeft.methods.lowrank import LoRAConfig
 
 MODELS, METHODS, ALL_BUDGETS, TASKS = (available(g) for g in ("model", "method", "budget", "task"))
 # budget=match solves sizes for a target count (tests/test_budget_match.py); the others are tables of sizes.
@@ -248,3 +249,28 @@ def test_nlu_mini_preset_composes_with_its_per_method_learning_rates():
     assert (cfg.model.name, cfg.task.name, cfg.budget.name) == ("minilm_l6", "glue_sst2", "nlu")
     assert cfg.train.lr == 5e-3 and cfg.task.options.train_file == "train_subset_2000.tsv"
     assert compose(["experiment=nlu_mini", "method=finetune"]).train.lr == 5e-5
+
+
+# ---------------------------------------------------------------- components own their schemas
+def test_every_component_kind_registers_its_schema_next_to_its_builder():
+    import ast
+
+    from kpeft.methods.registry import BUDGET_SIZES, BUILDERS, SCHEMAS
+
+    assert set(SCHEMAS) == set(BUILDERS) and {"lora", "kernel_mix", "krona", "prefix"} <= set(SCHEMAS)
+    for kind, schema in SCHEMAS.items():
+        assert schema.kind == kind and schema.__module__ == BUILDERS[kind].__module__
+    assert {"lora", "kernel_mix_qvo", "krona", "inducer_lora", "said"} <= set(BUDGET_SIZES)
+    assert all((CONF_DIR / "method" / f"{m}.yaml").is_file() for m in BUDGET_SIZES)  # a section per method
+    source = (CONF_DIR.parent / "kpeft" / "config.py").read_text()
+    classes = {n.name for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+    assert classes == {"ModelConfig", "MethodConfig", "BudgetBase", "TaskConfig", "TrainConfig", "DecodeConfig",
+                       "LoggerConfig", "Config"}
+    assert len(source.splitlines()) <= 250
+
+
+def test_a_budget_section_is_typed_by_the_method_module():
+    with pytest.raises(Exception, match="budget.lora.rr"):
+        compose(["method=lora", "+budget.lora.rr=3"])
+    cfg = compose(["method=kernel_mix_qvo", "budget=intermediate"])
+    assert type(cfg.budget.kernel_mix_qvo.q_wise) is int and cfg.budget.kernel_mix_qvo.q_wise > 0

@@ -1,22 +1,18 @@
 """PEFT methods as components attached at sites of a backbone (see docs/architecture.md).
 
-Importing this package registers every component kind: each module below registers its builders
-with ``@register("<kind>")``. A new component module gets one line here.
+Importing this package imports every module in it, and each component module registers its kinds
+on import (``@register("<kind>", <Schema>)``, ``@budget_sizes(...)``; kpeft/methods/registry.py): a
+new component module needs no line anywhere else.
 """
 
-from kpeft.methods import (  # noqa: F401  (registration: each module registers its component kinds)
-    adapters,  # adapter, compacter (block site)
-    inducer,  # inducer (attention site)
-    kernelwise,  # kernel_mix, kernel_wise
-    kron,  # krona, krona_b, krona_b_res
-    lowrank,  # lora
-    mh_adapter,  # mh_parallel_adapter (attention site)
-    parameters,  # bitfit, finetune
-    prefix,  # prefix (attention site)
-    prompt,  # prompt_tuning (input embeddings)
-    said,  # said (intrinsic-dimension reparameterisation of backbone tensors)
-)
-from kpeft.methods.adapted import AdaptedModel, ParamCount
-from kpeft.methods.registry import BUILDERS, BuildContext, apply_method, register
+import importlib
+import pkgutil
 
-__all__ = ["AdaptedModel", "ParamCount", "BuildContext", "apply_method", "register", "BUILDERS"]
+from kpeft.methods.adapted import AdaptedModel, ParamCount
+from kpeft.methods.registry import BUDGET_SIZES, BUILDERS, SCHEMAS, BuildContext, apply_method, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["AdaptedModel", "ParamCount", "BuildContext", "apply_method", "register", "BUILDERS", "SCHEMAS",
+           "BUDGET_SIZES"]

@@ -24,17 +24,82 @@ module (``<module>.kpeft_sequential.<i>``); :meth:`SequentialHandle.remove` rest
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 from transformers.activations import ACT2FN
 
 from kpeft.backbones.anatomy import Layer
 from kpeft.methods.base import Component
 from kpeft.methods.block import BlockComponent, add_child, attach_parallel_ffn, remove_child
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class AdapterConfig(ComponentConfig):
+    """Bottleneck adapter (Lin et al. 2020; He et al. 2022; [IT] Table 5): ``Δ(h) = s·(W_up act(W_down LN_a(h) + b_d) + b_u)``.
+    Sequential placements add Δ(h) to the site's own output h; ``ffn_parallel`` adds Δ(x) of the FFN
+    input x to the FFN output (He et al.'s parallel adapter)."""
+
+    kind: str = "adapter"
+    bottleneck: int = MISSING
+    # block_end: on the block output, after the FFN residual add (Lin et al. / VGLM) | attn_out: on
+    # W_o's output before residual dropout and add (the official pfeiffer-adapter code) | ffn_out:
+    # on the FFN output | ffn_parallel: FFN_out ← FFN(x) + Δ(x) (He et al.)
+    placement: str = "block_end"
+    layernorm: bool = True  # LN_a, the adapter's own trainable LayerNorm on its input
+    act: str = "relu"  # any transformers ACT2FN name (relu, gelu_new, ...)
+    scale: float = 1.0  # s
+    dropout: float = 0.0  # on the bottleneck (after the activation)
+    init: str = "hf_normal"  # hf_normal: N(0, 0.02) weights, zero biases | lora: down Kaiming, up 0 | zero_zero
+
+
+@dataclass
+class CompacterConfig(ComponentConfig):
+    """Compacter (Karimi Mahabadi et al. 2021): Houlsby-placed adapters whose projections are PHM layers
+    ``W = Σ_i A_i ⊗ (s_i t_iᵀ)``, the n×n×n rule tensor A shared by every PHM layer of the model."""
+
+    kind: str = "compacter"
+    bottleneck: int = MISSING
+    n: int = 4
+    phm_rank: int = 1  # rank of B_i = s_i t_iᵀ
+    shared_rule: bool = True
+    placement: str = "houlsby"  # houlsby (after attention output and FFN output) | ffn_out
+    layernorm: bool = False  # a trainable LayerNorm on each adapter's input
+    act: str = "gelu_new"
+    rule_init_std: float = 1e-4
+
+
+@budget_sizes("adapter", "parallel_adapter")
+@dataclass
+class AdapterSize:
+    """A bottleneck adapter's size (``budget.adapter``: Adapter-r; ``budget.parallel_adapter``)."""
+
+    bottleneck: int = MISSING
+    scale: float = 1.0
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (t5_glue: the Compacter recipe)
+
+
+@budget_sizes("mam_adapter")
+@dataclass
+class MAMAdapterSize:
+    """He et al.'s MAM adapter: prefix length + parallel FFN adapter (bottleneck, scale)."""
+
+    prefix_length: int = MISSING
+    bottleneck: int = MISSING
+    scale: float = 4.0
+
+
+@budget_sizes("compacter")
+@dataclass
+class CompacterSize:
+    bottleneck: int = MISSING
+    n: int = 4
+    layernorm: bool = False
+    train_layernorm: bool = False  # also train the backbone's LayerNorms (t5_glue: the Compacter recipe)
 
 SEQUENTIAL_ATTR = "kpeft_sequential"
 PLACEMENTS = ("block_end", "attn_out", "ffn_out", "ffn_parallel")
@@ -168,7 +233,7 @@ def build_adapters(cfg: DictConfig, ctx: BuildContext) -> list[Adapter]:
     return comps
 
 
-@register("adapter")
+@register("adapter", AdapterConfig)
 def build_adapter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """One bottleneck adapter per layer at ``cfg.placement``."""
     return build_adapters(cfg, ctx)
@@ -244,7 +309,7 @@ def _rule(n: int, std: float, ref: torch.Tensor) -> nn.Parameter:
     return rule
 
 
-@register("compacter")
+@register("compacter", CompacterConfig)
 def build_compacter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """Compacter: PHM adapters after every attention output and FFN output (Houlsby placement)."""
     if str(cfg.placement) not in ("houlsby", "ffn_out"):

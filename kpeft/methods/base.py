@@ -73,6 +73,13 @@ class WeightComponent(Component):
         """The bias delta ``(d_out,)`` with scalings applied, or None."""
         return None
 
+    def unmerge_delta(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What :meth:`AdaptedProjection.unmerge` adds to the merged weight and bias: minus the
+        delta. A delta computed from the frozen weight itself (a rescaling, (IA)³) reads the merged
+        weight by then and overrides this."""
+        bias = self.delta_bias()
+        return -self.delta_weight(), None if bias is None else -bias
+
 
 class AdaptedProjection(nn.Module):
     """A frozen projection plus weight-site branches: ``y = base(x) + Σ_c c(x)`` on each branch's
@@ -130,9 +137,8 @@ class AdaptedProjection(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            for branch in self.branches:
-                bias = branch.delta_bias()
-                branch.projection.add_to_weight(-branch.delta_weight(), None if bias is None else -bias)
+            for branch in reversed(self.branches):  # undo in the reverse order of merge()
+                branch.projection.add_to_weight(*branch.unmerge_delta())
             self.merged = False
 
 

@@ -37,15 +37,77 @@ Per layer: ``MLP_k(r) = H·r·(2p+1) + d``, ``MLP̄_v(r) = H·r·(p+1+d) + d``, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from kpeft.backbones.anatomy import Attention, Projection
 from kpeft.methods.attention_site import AttentionCall, AttentionComponent, get_site, use_kpeft_attention
 from kpeft.methods.base import WeightComponent, attach_weight_component, trunc_normal_001_
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class InducerConfig(ComponentConfig):
+    """Inducer-tuning ([IT] §4): per query an inducer key P_k = Q + MLP_k(Q) (no MLP_k when
+    r_k < 2), λ = sigmoid(a − LSE(S)), output f + λ·MLP_v(Q); variants by `value` and `gating`."""
+
+    kind: str = "inducer"
+    r_k: int = MISSING  # MLP_k bottleneck ("prefix_length" in the official code)
+    r_v: int = MISSING  # value-MLP bottleneck ("prefix_dim")
+    # extended: MLP̄_v (Eq. 11) to model width, added after W_o | local: MLP_v per head (width p),
+    # added to the head output before W_o (the "Adaptive" ablation).
+    value: str = "extended"
+    gating: bool = False  # (1−λ)·f + λ·MLP_v instead of the residual f + λ·MLP_v (Table 3)
+    act: str = "tanh"  # tanh (official code) | relu | gelu
+    # houlsby: trunc_normal_0.01 on every tensor (official code) | zero_value: MLP_v ≡ 0 (tests)
+    init: str = "houlsby"
+    lambda_dropout: bool = True  # the attention dropout also drops λ (official code), training only
+    # a_i ← a_i·√i (1-based position): the official code's undocumented switch for r_k = 0;
+    # null = on exactly when fidelity=code and r_k = 0.
+    position_scaled_logit: bool | None = None
+    # λ's normaliser sees the padding mask (paper); null = true, false under fidelity=code
+    # (the NLU code computes λ before adding the padding mask, docs/deviations.md, item 9).
+    mask_padding_in_lambda: bool | None = None
+    attention: str = "self"  # self | cross | all
+
+
+@budget_sizes("inducer", "inducer_adaptive", "inducer_extension")
+@dataclass
+class InducerSize:
+    """Inducer-tuning ([IT] Table 5): MLP_k and value-MLP bottlenecks."""
+
+    r_k: int = MISSING
+    r_v: int = MISSING
+
+
+@budget_sizes("inducer_lora")
+@dataclass
+class InducerLoRASize:
+    """Inducer-tuning + LoRA on W_q ([IT] Table 5); the NLU code's LoRA has no bias β."""
+
+    r_k: int = MISSING
+    r_v: int = MISSING
+    lora_r: int = MISSING
+    lora_bias: str = "auto"  # LoRA train_bias: auto | true | false
+
+
+@budget_sizes("mam_inducer")
+@dataclass
+class MAMInducerSize:
+    """MAM inducer-tuning ([IT] Table 5): inducer + LoRA on W_q + FFN adapter."""
+
+    r_k: int = MISSING
+    r_v: int = MISSING
+    lora_r: int = MISSING
+    lora_bias: str = "auto"
+    bottleneck: int = MISSING
+    scale: float = 1.0
+    layernorm: bool = False  # the FFN adapter's own LN (the code trains it: 1.62%; paper 1.61% without)
+    init: str = "hf_normal"  # hf_normal (GPT-2 code) | lora (NLU code)
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 VALUE_KINDS = ("extended", "local")
@@ -212,7 +274,7 @@ def attach_inducer(att: Attention, inducer: Inducer) -> None:
         attach_weight_component(InducerValueBranch(att.o, inducer))
 
 
-@register("inducer")
+@register("inducer", InducerConfig)
 def build_inducer(cfg: DictConfig, ctx: BuildContext) -> list[Inducer]:
     """An :class:`Inducer` on every ``cfg.attention`` module."""
     use_kpeft_attention(ctx.model)

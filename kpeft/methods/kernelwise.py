@@ -36,6 +36,8 @@ tokens instead of a second ``X W_k`` product.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -51,7 +53,64 @@ from kpeft.methods.base import (
 )
 from kpeft.methods.dropout import branch_dropout
 from kpeft.methods.lowrank import LoRA
-from kpeft.methods.registry import BuildContext, bias_flag, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, bias_flag, budget_sizes, register
+
+
+@dataclass
+class KernelMixMatrixConfig:
+    """What one attention matrix (q, k, v or o) gets: a head-specific part of rank `wise` per
+    head (0 = none), built on a `full` head-specific input basis or, for q/v, the `lite` one
+    (the frozen key block W_k^(h)), plus a shared LoRA part of rank `shared` (0 = none)."""
+
+    wise: int = 0
+    basis: str = "full"  # full | lite (q, v only)
+    shared: int = 0
+
+
+@dataclass
+class KernelMixConfig(ComponentConfig):
+    """Kernel-wise / Kernel-wise-lite / Kernel-mix / Kernel-mix-lite ([KM] §4).
+
+    Per adapted matrix: ``ΔW = s·(B_shared A_shared + blockwise_h B^(h) A^(h))`` plus a trained
+    bias ``s·β`` carried by the head-specific part (none on the shared part).
+    """
+
+    kind: str = "kernel_mix"
+    q: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    k: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    v: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    o: KernelMixMatrixConfig = field(default_factory=KernelMixMatrixConfig)
+    dropout: float = 0.1  # on each branch's input (lite: on the keys K), independent masks
+    scale: float = 1.0  # s, for every branch (the official code: 1)
+    # auto: a head-specific bias β iff the adapted projection has a bias (GPT-2/BERT yes, T5/Llama no).
+    train_bias: str = "auto"  # auto | true | false
+    init: str = "kaiming_zero"  # kaiming_zero | houlsby | zero_zero (all zero; tests only)
+    # Lite: the basis is the post-bias key X W_k + b_k as in the official code (merge adds b_k B_k A
+    # to the bias); false = the paper's X W_k.
+    lite_basis_includes_key_bias: bool = True
+    tie_o_to_v: bool = False  # O ranks := V ranks (the official code)
+    attention: str = "self"  # self | cross | all
+
+
+@dataclass
+class KernelWiseConfig(KernelMixConfig):
+    """Kernel-wise(-lite): Kernel-mix without shared parts (every ``shared`` must be 0)."""
+
+    kind: str = "kernel_wise"
+
+
+@budget_sizes("kernel_mix_lite_qv", "kernel_mix_qvo", "kernel_wise_lite_qv", "kernel_wise_mq", "kernel_wise_mv", "kernel_wise_qvo")
+@dataclass
+class KernelMixSize:
+    """One row of Kernel-mix Table B.5: head-specific (``*_wise``) and shared (``*_lora``) ranks;
+    whether a head-specific part is lite is the method's choice, not the budget's."""
+
+    q_wise: int = 0
+    q_lora: int = 0
+    v_wise: int = 0
+    v_lora: int = 0
+    o_wise: int = 0
+    o_lora: int = 0
 
 TARGETS = ("q", "k", "v", "o")
 BASES = ("full", "lite")
@@ -305,8 +364,8 @@ def _branches(
     return comps
 
 
-@register("kernel_wise")
-@register("kernel_mix")
+@register("kernel_wise", KernelWiseConfig)
+@register("kernel_mix", KernelMixConfig)
 def build_kernel_mix(cfg: DictConfig, ctx: BuildContext) -> list[WeightComponent]:
     """Kernel-wise / Kernel-mix branches on every ``cfg.attention`` module (self | cross | all).
 

@@ -28,15 +28,77 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from kpeft.backbones.anatomy import Projection
 from kpeft.methods.base import Component, WeightComponent, attach_weight_component
 from kpeft.methods.block import BlockComponent, attach_parallel_ffn
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class KronAConfig(ComponentConfig):
+    """KronA ([KA] Eq. 3–4): Y = XW + s·X(A ⊗ B), A = (m1, n1), B = (m2, n2), m1·m2 = d_in, n1·n2 = d_out."""
+
+    kind: str = "krona"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    a_shape: list[int] | None = MISSING
+    # null: derived from a_shape and each adapted matrix. (MISSING, not None, by default: OmegaConf
+    # 2.3 resolves an interpolation merged into a None list node at composition time.)
+    b_shape: list[int] | None = MISSING
+    scale: float = 1.0  # s (1 in all of KronA's experiments)
+    init: str = "kaiming_zero"  # kaiming_zero (A ~ KU, B = 0) | normal (both N(0, 1/d_in)) | zero_zero
+    attention: str = "self"  # self | cross | all
+
+
+@dataclass
+class KronABConfig(ComponentConfig):
+    """KronA^B ([KA] Eq. 5): FFN_out ← FFN(X) + s·Σ_k (X(A_k ⊗ B_k) + b_k), X = the FFN input;
+    with ``residual_scale`` (KronA^B_res, §5.4) also + s_res·X, s_res learnable."""
+
+    kind: str = "krona_b"
+    a_shape: list[int] | None = MISSING
+    b_shape: list[int] | None = MISSING  # null: derived from a_shape and the model width
+    n_modules: int = 2  # Kronecker modules per FFN, summed
+    scale: float = 16.0  # s (Table 17: 4 or 16 per task)
+    n_bias: int = 1  # 0: none | 1: output bias b_k ∈ R^d | 2: also C_k ∈ R^{n1×m2} on A_kᵀX (our reading)
+    residual_scale: float | None = None  # initial s_res (learnable); null = no residual term
+    residual_sharing: str = "module"  # module (one s_res per Kronecker module) | ffn | model
+    init: str = "kaiming_zero"  # kaiming_zero | normal | zero_zero
+
+
+@dataclass
+class KronABResConfig(KronABConfig):
+    """KronA^B_res ([KA] Eq. 6): KronA^B + s_res·X, s_res initialised to 1."""
+
+    kind: str = "krona_b_res"
+    residual_scale: float | None = 1.0
+
+
+@budget_sizes("krona")
+@dataclass
+class KronASize:
+    """KronA's size at a budget (``budget.krona``), and our reading (docs/deviations.md) of where it goes."""
+
+    a_shape: list[int] = MISSING  # A = (m1, n1)
+    b_shape: list[int] | None = None  # B = (m2, n2); null: derived from A
+    attention: str = "self"  # self | cross | all (t5_glue: all 36 attention modules)
+    train_layernorm: bool = False  # t5_glue: true (the Compacter recipe)
+
+
+@budget_sizes("krona_b")
+@dataclass
+class KronABSize:
+    """KronA^B(_res)'s size at a budget (``budget.krona_b``)."""
+
+    a_shape: list[int] = MISSING
+    b_shape: list[int] | None = None
+    n_modules: int = 2
+    train_layernorm: bool = False
 
 Shape = tuple[int, int]
 INITS = ("kaiming_zero", "normal", "zero_zero")
@@ -167,7 +229,7 @@ class KronA(WeightComponent):
         )
 
 
-@register("krona")
+@register("krona", KronAConfig)
 def build_krona(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """KronA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all); every
     branch is checked before any is installed."""
@@ -287,13 +349,13 @@ def _build_krona_b(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     return list(comps)
 
 
-@register("krona_b")
+@register("krona_b", KronABConfig)
 def build_krona_b(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """KronA^B: ``n_modules`` Kronecker modules parallel to every FFN (Eq. 5)."""
     return _build_krona_b(cfg, ctx)
 
 
-@register("krona_b_res")
+@register("krona_b_res", KronABResConfig)
 def build_krona_b_res(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """KronA^B_res: KronA^B plus the learnable residual scale ``s_res · X`` (Eq. 6)."""
     if cfg.residual_scale is None:

@@ -9,9 +9,11 @@ bias β is the official code's ([KM] footnote 1; docs/deviations.md, item 3); it
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from kpeft.backbones.anatomy import Projection
@@ -23,7 +25,31 @@ from kpeft.methods.base import (
     init_output_factor,
 )
 from kpeft.methods.dropout import branch_dropout
-from kpeft.methods.registry import BuildContext, bias_flag, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, bias_flag, budget_sizes, register
+
+
+@dataclass
+class LoRAConfig(ComponentConfig):
+    """LoRA (Hu et al. 2021): Y = XW + b + s·(Drop(X) B A + β), s = alpha / r."""
+
+    kind: str = "lora"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    r: int = MISSING
+    alpha: float = 32.0
+    dropout: float = 0.1
+    # auto: a trained bias β iff the adapted projection has a bias (GPT-2/BERT yes, T5/Llama no).
+    train_bias: str = "auto"  # auto | true | false
+    init: str = "kaiming_zero"  # kaiming_zero | houlsby | zero_zero (both zero; tests only)
+    # Which attention modules: self | cross | all (T5 decoder cross-attention).
+    attention: str = "self"
+
+
+@budget_sizes("lora")
+@dataclass
+class LoRASize:
+    r: int = MISSING
+    attention: str = "self"  # self | cross | all (t5_glue: all 36 attention modules, docs/deviations.md)
+    train_layernorm: bool = False  # t5_glue: true (the Compacter recipe)
 
 
 def lora_scaling(alpha: float, r: int, fidelity: str = "paper") -> float:
@@ -76,7 +102,7 @@ class LoRA(WeightComponent):
         return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, scaling={self.scaling:g}, bias={self.lora_bias is not None}"
 
 
-@register("lora")
+@register("lora", LoRAConfig)
 def build_lora(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """LoRA on ``cfg.targets`` of every ``cfg.attention`` module (self | cross | all)."""
     comps: list[Component] = []

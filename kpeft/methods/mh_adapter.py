@@ -35,11 +35,12 @@ projection; no loop over heads (or layers) anywhere.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -47,7 +48,38 @@ from kpeft.backbones.anatomy import Attention, Projection
 from kpeft.methods.attention_site import AttentionCall, AttentionComponent, get_site, use_kpeft_attention
 from kpeft.methods.base import Component
 from kpeft.methods.block import _first_tensor
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class MHParallelAdapterConfig(ComponentConfig):
+    """Multi-head parallel adapter (He et al. Table 1 "MH PA"): per head h,
+    ``head_h ← head_h + s·(act(u_h W_down^(h) + b_d) W_up^(h) + b_u)`` before W_o, r per head."""
+
+    kind: str = "mh_parallel_adapter"
+    bottleneck: int = MISSING  # r, per head
+    scale: float = 1.0  # s
+    # query: u_h = head h's frozen query x W_q^(h) + b_q^(h) (pre-RoPE; W_down^(h) p×r: 2·d·r per
+    # module, He et al.'s code) | hidden: u_h = x (W_down^(h) d×r)
+    input: str = "query"
+    layernorm: bool = False  # a trained LayerNorm on x first (the official code's ef_transform_layer_norm)
+    bias: bool = False  # b_down (H, r) and b_up (H, p)
+    act: str = "relu"  # any transformers ACT2FN name
+    dropout: float | None = None  # on the bottleneck; null = the attention's dropout (official code)
+    init: str = "lora"  # lora: W_down Kaiming-uniform, W_up 0 | hf_normal: N(0, 0.02) | zero_zero
+    attention: str = "self"  # self | cross | all
+
+
+@budget_sizes("mh_parallel_adapter")
+@dataclass
+class MHParallelAdapterSize:
+    """The multi-head parallel adapter's size: r per head, s, which attention modules, and the
+    LayerNorm training of the t5_glue recipe."""
+
+    bottleneck: int = MISSING
+    scale: float = 1.0
+    attention: str = "self"  # self | cross | all
+    train_layernorm: bool = False
 
 INPUTS = ("query", "hidden")
 INITS = ("lora", "hf_normal", "zero_zero")
@@ -185,7 +217,7 @@ def attach_mh_adapter(att: Attention, adapter: MultiHeadParallelAdapter) -> None
         site.install_query_tap(att)
 
 
-@register("mh_parallel_adapter")
+@register("mh_parallel_adapter", MHParallelAdapterConfig)
 def build_mh_parallel_adapter(cfg: DictConfig, ctx: BuildContext) -> list[Component]:
     """A :class:`MultiHeadParallelAdapter` on every ``cfg.attention`` module."""
     use_kpeft_attention(ctx.model)

@@ -12,13 +12,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from kpeft.methods.base import Component
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, register
+
+
+@dataclass
+class BitFitConfig(ComponentConfig):
+    """BitFit (Ben Zaken et al. 2022): train every bias, LayerNorm biases included."""
+
+    kind: str = "bitfit"
+    include_ln_bias: bool = True
+    # Zero-initialised biases where a linear layer or norm has none (Compacter / KronA BitFit on T5):
+    # auto = on a backbone without any bias (T5, Llama) | true | false.
+    add_missing_biases: str = "auto"
+
+
+@dataclass
+class FullFinetuneConfig(ComponentConfig):
+    """Full fine-tuning ([KM] Table 1): every backbone parameter trains."""
+
+    kind: str = "finetune"
 
 
 class ParameterComponent(Component):
@@ -98,7 +117,7 @@ class LayerNormTuning(ParameterComponent):
                     yield (f"{mod_name}.{name}" if mod_name else name), p
 
 
-@register("bitfit")
+@register("bitfit", BitFitConfig)
 def build_bitfit(cfg: DictConfig, ctx: BuildContext) -> list[BitFit]:
     """BitFit; ``add_missing_biases`` (auto: on a backbone without any bias) adds zero biases first."""
     add = str(cfg.get("add_missing_biases", "auto")).lower()
@@ -110,6 +129,6 @@ def build_bitfit(cfg: DictConfig, ctx: BuildContext) -> list[BitFit]:
     return [BitFit(include_ln_bias=cfg.include_ln_bias)]
 
 
-@register("finetune")
+@register("finetune", FullFinetuneConfig)
 def build_finetune(cfg: DictConfig, ctx: BuildContext) -> list[FullFinetune]:
     return [FullFinetune()]

@@ -28,13 +28,39 @@ prefix (tested against that), with cached, batched (left-padded) generation unch
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from kpeft.methods.attention_site import AttentionCall, AttentionComponent, get_site, use_kpeft_attention
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class PrefixConfig(ComponentConfig):
+    """Prefix-tuning (Li & Liang 2021): per layer, l trained key/value rows prepended to
+    every head's keys/values (never causally masked). ``reparam``: P = MLP(E) during training,
+    E (l, d) → Linear(d, mid_dim) → tanh → Linear(mid_dim, 2·L·d_kv); else P is trained directly."""
+
+    kind: str = "prefix"
+    length: int = MISSING
+    mid_dim: int = 512
+    reparam: bool = True
+    # Real tokens' positions start at `length` (the official code feeds the prefix as past keys);
+    # GPT-2 and Llama only (BERT/T5 prefixes carry no position).
+    position_offset: bool = True
+    attention: str = "self"  # self | cross | all
+
+
+@budget_sizes("prefix")
+@dataclass
+class PrefixSize:
+    """Prefix-tuning: the prefix length l (Prefix-8 = 0.12% stored, Prefix-108 = 1.60%)."""
+
+    length: int = MISSING
 
 PREFIX_ATTR = "kpeft_prefix"
 
@@ -172,7 +198,7 @@ def _unique_attr(model: nn.Module, base: str) -> str:
     return name
 
 
-@register("prefix")
+@register("prefix", PrefixConfig)
 def build_prefix(cfg: DictConfig, ctx: BuildContext) -> list[PrefixTuning]:
     """One :class:`PrefixTuning` (``model.kpeft_prefix``) over every ``cfg.attention`` module."""
     atts = [att for _, att in ctx.anatomy.attentions(cfg.attention)]

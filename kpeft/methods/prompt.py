@@ -39,15 +39,39 @@ tokenizer, numbers tokens by frequency; GPT-2's BPE ids roughly follow merge fre
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 
 from kpeft.backbones.cache_api import cache_arg
 from kpeft.methods.base import Component
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class PromptTuningConfig(ComponentConfig):
+    """Prompt tuning (Lester et al. 2021): `length` trained vectors prepended to the input embeddings."""
+
+    kind: str = "prompt_tuning"
+    length: int = MISSING
+    init: str = "vocab"  # vocab: rows of sampled common tokens | text: init_text's tokens | uniform
+    vocab_top_k: int = 5000  # vocab: sample from the ids below this (Lester et al.: 5,000 most common)
+    init_text: str | None = None  # text: tokenised, repeated to the length
+    tokenizer: str | None = None  # text: tokenizer dir/hub id (default: the model's name_or_path)
+    uniform_range: float = 0.5  # uniform: U[-x, x] (Lester et al.: 0.5)
+    # null: after the first token for BERT/RoBERTa ([CLS] stays at position 0), in front elsewhere
+    after_first_token: bool | None = None
+
+
+@budget_sizes("prompt_tuning")
+@dataclass
+class PromptSize:
+    """Prompt tuning (Lester et al.): the number of soft-prompt vectors n (n·d parameters)."""
+
+    length: int = MISSING
 
 PROMPT_ATTR = "kpeft_prompt"
 INITS = ("vocab", "text", "uniform")
@@ -230,7 +254,7 @@ def _tokenizer(cfg: DictConfig, model: nn.Module):
                                       "package": None, "name_or_path": src, "gguf_file": None}))
 
 
-@register("prompt_tuning")
+@register("prompt_tuning", PromptTuningConfig)
 def build_prompt_tuning(cfg: DictConfig, ctx: BuildContext) -> list[PromptTuning]:
     """One :class:`PromptTuning` (``model.kpeft_prompt``) in front of the model's input."""
     model, family = ctx.model, ctx.anatomy.family

@@ -5,8 +5,11 @@ declares (``method.components.<name>.kind`` picks a builder registered here), in
 their sites (with ``method.train_layernorm``, the backbone's LayerNorms train too), and returns an
 :class:`AdaptedModel` that counts, merges and saves them.
 
-Adding a component kind = a schema in ``kpeft/config.py`` + a builder registered with
-``@register("<kind>")`` in the component's own module, imported by ``kpeft/methods/__init__.py``.
+A component kind lives in one module of this package, which registers it in one call:
+``@register("<kind>", <Schema>)`` on its builder (the schema is the dataclass Hydra validates
+``component/<kind>`` against), and ``@budget_sizes("<method>", ...)`` on the dataclass of the sizes a
+budget gives the method (``budget.<method>``). ``kpeft/methods/__init__.py`` imports every module of the
+package, and ``kpeft/config.py`` builds its schemas from these tables (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 from kpeft.backbones import Anatomy
 from kpeft.errors import KpeftError
@@ -37,17 +40,41 @@ class BuildContext:
 
 LAYERNORM = "train_layernorm"  # the entry of method.train_layernorm in AdaptedModel.components
 
+@dataclass
+class ComponentConfig:
+    """Fields every component schema has; ``kind`` selects the builder."""
+
+    kind: str = MISSING
+
+
 # A builder walks the anatomy, creates its components, attaches them, and returns them.
 Builder = Callable[[DictConfig, BuildContext], list[Component]]
 BUILDERS: dict[str, Builder] = {}
+SCHEMAS: dict[str, type] = {}  # component kind -> its config dataclass (Hydra group `component`)
+BUDGET_SIZES: dict[str, type] = {}  # method name -> the dataclass of budget.<method>
 
 
-def register(kind: str) -> Callable[[Builder], Builder]:
-    """Register the builder of component kind `kind`."""
+def register(kind: str, schema: type) -> Callable[[Builder], Builder]:
+    """Register component kind `kind`: its builder (the decorated function) and its config schema."""
+    if getattr(schema, "kind", None) != kind:
+        raise TypeError(f"the schema of component kind {kind!r} must default its `kind` field to {kind!r}")
 
     def deco(fn: Builder) -> Builder:
         BUILDERS[kind] = fn
+        SCHEMAS[kind] = schema
         return fn
+
+    return deco
+
+
+def budget_sizes(*methods: str) -> Callable[[type], type]:
+    """Make the decorated dataclass the schema of ``budget.<method>`` for each of `methods`
+    (a budget without that section cannot meet the method)."""
+
+    def deco(schema: type) -> type:
+        for method in methods:
+            BUDGET_SIZES[method] = schema
+        return schema
 
     return deco
 

@@ -32,18 +32,40 @@ update into the frozen tensors (the parametrizations then return them unchanged)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 from torch import nn
 from torch.nn.utils import parametrize
 
 from kpeft.errors import KpeftError
 from kpeft.methods.base import Component
 from kpeft.methods.parameters import LayerNormTuning
-from kpeft.methods.registry import BuildContext, register
+from kpeft.methods.registry import BuildContext, ComponentConfig, budget_sizes, register
+
+
+@dataclass
+class SAIDConfig(ComponentConfig):
+    """Intrinsic-dimension fine-tuning: θ_i = θ_{0,i} + λ_i·P(θ^d)_i with a Fastfood projection P
+    (SAID, Eq. 3; ``structured: false`` = DID, Eq. 1: no λ). Trains d + (number of λ) numbers."""
+
+    kind: str = "said"
+    d: int = MISSING  # dimension of θ^d (from the budget)
+    # all | layers | attention | ffn | q | k | v | o | norms | embeddings (the union of the entries)
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    biases: bool = True  # false: leave every bias out
+    structured: bool = True  # SAID: one trained λ_i per perturbed tensor (init 1); false = DID
+    seed: int = 0  # regenerates P (said.yaml: the run's seed)
+
+
+@budget_sizes("said")
+@dataclass
+class SAIDSize:
+    """SAID: the dimension d of θ^d (it trains d + one λ per perturbed tensor)."""
+
+    d: int = MISSING
 
 TARGETS = ("all", "layers", "attention", "ffn", "q", "k", "v", "o", "norms", "embeddings")
 SUBMODULE = "kpeft_said"  # where the component (θ^d, λ) lives in the model
@@ -345,7 +367,7 @@ def _holders(model: nn.Module, param: nn.Parameter) -> list[tuple[nn.Module, str
     return [(m, n) for m in model.modules() for n, q in m._parameters.items() if q is param]
 
 
-@register("said")
+@register("said", SAIDConfig)
 def build_said(cfg: DictConfig, ctx: BuildContext) -> list[SAID]:
     """SAID (``structured``) or DID on the tensors ``cfg.targets`` names."""
     model = ctx.model
