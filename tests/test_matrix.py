@@ -103,6 +103,7 @@ CASES: list[Case] = [
     *rows("prefix", FOUR_BASE, zero=None),
     *rows("prompt_tuning", ALL, overrides=("budget.prompt_tuning.length=3",), zero=None),
     *rows("said", FOUR, overrides=("method.components.said.d=16",)),
+    *rows("ia3", ALL, merge=True),  # the worked example of docs/extending.md
 ]
 
 
