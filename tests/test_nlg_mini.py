@@ -140,8 +140,9 @@ def test_nlg_mini_preset_end_to_end_on_a_tiny_llama(tmp_path, webnlg_dir, byte_t
     scored = _score(generations, "experiment=nlg_mini", f"task.data_dir={webnlg_dir}", "task.options.test_subset=12",
                     "task.options.meteor=approx")
     test = lora["metrics"]["test"]
-    assert scored["bleu"]["all"] == pytest.approx(test["bleu_all"])
-    assert scored["ter"]["unseen"] == pytest.approx(test["ter_unseen"])
+    # kpeft.score goes through the function the run's evaluation used: the record's own keys and numbers
+    assert {"bleu_all", "ter_unseen", "meteor_approx_all"} <= set(scored)
+    assert scored == {key: test[key] for key in scored}
     table = subprocess.run([sys.executable, "-m", "kpeft.tables", "experiment=nlg_mini", f"output_root={tmp_path}",
                             "model=tiny_llama", "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0, table.stderr[-2000:]

@@ -34,7 +34,7 @@ from typing import Any
 
 from kpeft.errors import KpeftError
 from kpeft.metrics import rouge as metric
-from kpeft.tasks.benchmark import Record, canonical_split, read_lines, read_text
+from kpeft.tasks.benchmark import Record, read_lines, read_text
 from kpeft.tasks.nlg import NLGTask, Segment
 
 FILE_SPLIT = {"train": "train", "validation": "val", "test": "test"}
@@ -155,16 +155,11 @@ class CNNDM(NLGTask):
         return [{"id": row.get("id", f"{split}-{i}"), "article": row["article"], "highlights": row["highlights"]}
                 for i, row in enumerate(self.hub_split(split))]
 
-    def score(self, predictions: list[str], split: str = "test") -> dict[str, Any]:
-        split = canonical_split(split)
-        records = self.records(split)
-        self.check_count(predictions, len(records), "examples", split)
-        preds = [metric.sentences(p) for p in predictions]
-        refs = [metric.sentences(r["highlights"]) for r in records]
-        out = metric.rouge(preds, refs)
-        out["rouge2_vglm"] = metric.rouge2_vglm([" ".join(p.split("\n")) for p in preds],
-                                                [" ".join(r.split("\n")) for r in refs])
-        return out
+    score_units = "examples"
+
+    def scored_records(self, split: str) -> list[Record]:
+        """Every example of the split (a predictions file of the official test set has one line each)."""
+        return self.records(split)
 
     # ------------------------------------------------------------ GPT-2 encoding (docs/benchmarks.md)
     def target_of(self, record: Record) -> str:

@@ -152,10 +152,7 @@ class E2E(NLGTask):
     def _metric_options(self) -> dict[str, Any]:
         return {"meteor": self.options.get("meteor", "jar"), "coco": bool(self.options.get("coco_metrics", True))}
 
-    def score(self, predictions: list[str], split: str = "test") -> dict[str, Any]:
-        mrs = self.mrs(split)
-        self.check_count(predictions, len(mrs), "MRs", canonical_split(split))
-        return metric.evaluate(predictions, [m["references"] for m in mrs], **self._metric_options())
+    score_units = "MRs"
 
     def score_generations(self, records: list[Record], predictions: list[str]) -> tuple[dict[str, Any], list[dict]]:
         scores, each = metric.score_corpus(predictions, [m["references"] for m in records], **self._metric_options())

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,22 +320,7 @@ class Glue(BenchmarkTask):
         return stats
 
     def finalize(self, totals: dict[str, float]) -> dict[str, float]:
-        """The task's metrics from :meth:`batch_metrics` totals (STS-B: Pearson only; Spearman needs
+        """The task's metrics from :meth:`batch_metrics` totals, by the formula ``kpeft.score`` uses
+        too (:func:`kpeft.metrics.glue.metrics_from_stats`; STS-B: Pearson only, as Spearman needs
         ranks, which ``python -m kpeft.score`` computes)."""
-        n = max(totals.get("n", 0.0), 1.0)
-        if self.spec.labels is None:
-            cov = n * totals["sxy"] - totals["sx"] * totals["sy"]
-            var = (n * totals["sxx"] - totals["sx"] ** 2) * (n * totals["syy"] - totals["sy"] ** 2)
-            return {"pearson": 100.0 * cov / math.sqrt(var) if var > 0 else 0.0}
-        out = {"accuracy": 100.0 * totals["correct"] / n}
-        if "tp" in totals:
-            tp, fp, fn, tn = (totals[k] for k in ("tp", "fp", "fn", "tn"))
-            out["f1"] = 100.0 * 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-            den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-            out["mcc"] = 100.0 * (tp * tn - fp * fn) / den if den else 0.0
-        if "n_m" in totals:
-            if totals["n_m"]:
-                out["mnli_m"] = 100.0 * totals["correct_m"] / totals["n_m"]
-            if totals["n_mm"]:
-                out["mnli_mm"] = 100.0 * totals["correct_mm"] / totals["n_mm"]
-        return out
+        return metric.metrics_from_stats(totals)

@@ -41,7 +41,7 @@ import torch
 
 from kpeft.errors import KpeftError
 from kpeft.tasks.base import IGNORE, Example, NewTokens, _pad
-from kpeft.tasks.benchmark import BenchmarkTask, Record
+from kpeft.tasks.benchmark import BenchmarkTask, Record, canonical_split
 from kpeft.tasks.lengths import cut_longest_first, refuse_long, warn_truncated
 
 log = logging.getLogger(__name__)
@@ -244,8 +244,24 @@ class NLGTask(BenchmarkTask):
                 for o in outputs]
 
     def score_generations(self, records: list[Record], predictions: list[str]) -> tuple[dict[str, Any], list[dict]]:
-        """(metrics, per-example rows) of `predictions` for `records`."""  # pragma: no cover
+        """(metrics, per-example rows) of `predictions` for `records`, by the task's official scorer:
+        the one way to the task's metrics, for the training loop's evaluation, ``kpeft.score``
+        (:meth:`score`) and ``kpeft.bench``."""  # pragma: no cover
         raise NotImplementedError
+
+    score_units = "items"  # what one line of a predictions file is, in the count error
+
+    def scored_records(self, split: str) -> list[Record]:
+        """The records a predictions file of `split` answers, one per line (the generation records)."""
+        return self.generation_records(split)
+
+    def score(self, predictions: Any, split: str = "test") -> dict[str, Any]:
+        """``kpeft.score``: :meth:`score_generations` of the split's :meth:`scored_records`, so a
+        run's generations rescore to exactly its record (the same keys, ``bleu_all``, ...)."""
+        split = canonical_split(split)
+        records = self.scored_records(split)
+        self.check_count(predictions, len(records), self.score_units, split)
+        return self.score_generations(records, predictions)[0]
 
     @torch.no_grad()
     def evaluate_generation(self, model, split: str, run_dir: str | Path | None = None,

@@ -253,11 +253,7 @@ class WebNLG(NLGTask):
                 raise KpeftError(f"'{path}' is not a generations file (JSON lines with 'prediction'): {err!r}") from None
         return lines
 
-    def score(self, predictions: list[str], split: str = "test") -> dict[str, Any]:
-        entries = self.entries(split)
-        self.check_count(predictions, len(entries), "entries", canonical_split(split))
-        mode = self.options.get("meteor", "jar")
-        return metric.evaluate(predictions, [e["references"] for e in entries], [e["category"] for e in entries], meteor=mode)
+    score_units = "entries"
 
     # ------------------------------------------------------------ GPT-2 encoding (docs/benchmarks.md)
     def target_of(self, record: Record) -> str:
