@@ -35,6 +35,12 @@ def note_file(path: str | Path) -> None:
         _files[key] = {"path": key, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def note_known(entry: dict[str, Any]) -> None:
+    """Record a data file read by an earlier run whose encoded splits this run reuses
+    (kpeft/training/encoded_cache.py): the entry as that run recorded it."""
+    _files.setdefault(entry["path"], dict(entry))
+
+
 def note_hub(path: str, name: str | None, dataset: Any) -> None:
     """Record a hub dataset: its id, config, ``datasets`` version and per-split fingerprints (they
     change with the data files the hub served)."""

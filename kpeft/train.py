@@ -40,6 +40,7 @@ from kpeft.runlock import RunLock, RunLocked, clean_tmp
 from kpeft.tasks import Task, task_class
 from kpeft.tasks.lengths import max_positions
 from kpeft.training.beam import DecodeSettings
+from kpeft.training.encoded_cache import encoded_splits
 from kpeft.training.loop import LoopState, Trainer, make_accelerator
 from kpeft.validate import check_config
 
@@ -49,7 +50,7 @@ log = logging.getLogger("kpeft.train")
 def build(cfg: DictConfig) -> tuple[AdaptedModel, Task, dict[str, list]]:
     """The adapted backbone, the task, and its encoded splits."""
     adapted, task = build_model(cfg)
-    splits = task.load_splits()
+    splits = encoded_splits(task, cfg.task)  # encoded once per sweep (kpeft/training/encoded_cache.py)
     return adapted, task, splits
 
 

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("KPEFT_NO_ENCODED_CACHE", "1")  # tests encode afresh; tests/test_encoded_cache.py turns it on
 
 
 @pytest.fixture
