@@ -211,6 +211,7 @@ def test_quick_bench_prints_and_saves_every_key(tmp_path, capsys):
     assert printed == json.loads((tmp_path / f"{result['setup']['host_kind']}.quick.json").read_text())
     assert (tmp_path / f"{printed['setup']['host_kind']}.quick.md").read_text().startswith("### `python -m kpeft.bench`")
     assert printed["skipped"] == {} and printed["setup"]["methods"] == list(QUICK_METHODS)
+    assert {"commit", "dirty"} <= set(printed["provenance"]["git"]) and printed["provenance"]["versions"]["torch"]
     assert set(printed["train_ratio_vs_peft_lora"]) == set(QUICK_METHODS)
     assert set(printed["mem_ratio_vs_finetune"]) == set(QUICK_METHODS) - {"finetune"} | {"peft_lora"}
     assert set(printed["merged_latency_ratio"]) == {"lora", "kernel_mix_qvo", "krona"}

@@ -114,6 +114,7 @@ def test_bench_runs_quick_emits_every_key(tmp_path, capsys):
     assert res["padding_fraction"]["sst2_minilm"]["group_by_length"] is False
     saved = json.loads((tmp_path / "runs-cpu-1t.quick.json").read_text())
     assert saved["run_ratio_vs_hf_trainer"] == res["run_ratio_vs_hf_trainer"]
+    assert {"commit", "dirty"} <= set(saved["provenance"]["git"]) and len(saved["provenance"]["lock"]["sha256"]) == 64
     assert (tmp_path / "runs-cpu-1t.quick.md").read_text().startswith("Whole runs")
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final_metric"] == res["final_metric"]
 

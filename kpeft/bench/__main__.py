@@ -79,6 +79,17 @@ def check(values: dict) -> None:
         raise KpeftError(f"--target-frac must be in (0, 1], not {frac}")
 
 
+def with_provenance(result: dict) -> dict:
+    """The code and environment that measured `result` (as a run record has them, docs/reproduce.md):
+    git commit and dirty flag, the lock file's hash, package versions, hardware, time."""
+    from kpeft.records import provenance
+
+    prov = provenance()
+    prov.pop("data", None)  # a bench reads no data files of its own
+    result["provenance"] = prov
+    return result
+
+
 def save(result: dict, out: Path, quick: bool) -> Path:
     """``<out>/<host-kind>[.quick].json`` and ``.md``; returns the JSON path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +137,7 @@ def main_runs(args: argparse.Namespace) -> dict:
     from kpeft.bench.runs import markdown as runs_markdown
     from kpeft.bench.runs import run_all
 
-    result = run_all(run_options(args))
+    result = with_provenance(run_all(run_options(args)))
     if args.note:
         result["setup"]["note"] = args.note
     if not args.no_save:
@@ -142,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opts, args = parse(sys.argv[1:] if argv is None else argv)
     if args.runs:
         return main_runs(args)
-    result = run(opts)
+    result = with_provenance(run(opts))
     if not args.no_save:
         save(result, args.out, args.quick)
     print(markdown(result))

@@ -90,6 +90,18 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def provenance_lines(result: dict) -> list[str]:
+    """``Measured by code <commit>, lock <hash>, torch <version>.`` when the result carries its provenance."""
+    prov = result.get("provenance")
+    if not prov:
+        return []
+    from kpeft.compare_records import code_version
+
+    lock = (prov.get("lock") or {}).get("sha256") or "none"
+    return ["", f"Measured by code {code_version(prov)}, lock {lock[:12]}, torch {prov['versions'].get('torch')} "
+                f"({prov.get('created', '')})."]
+
+
 def markdown(result: dict) -> str:
     """The per-method table, decoding and KronA lines, and the set-up, as Markdown."""
     setup = result["setup"]
@@ -150,4 +162,5 @@ def markdown(result: dict) -> str:
         f"torch {setup['versions']['torch']}, transformers {setup['versions']['transformers']}, "
         f"peft {setup['versions']['peft']}; {setup['wall_s']:.0f} s wall."
     )
+    lines += provenance_lines(result)
     return "\n".join(lines) + "\n"

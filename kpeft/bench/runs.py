@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kpeft.bench import jobs
+from kpeft.bench.report import provenance_lines
 from kpeft.compose import compose
 from kpeft.training.optim import warmup_steps
 
@@ -256,4 +257,5 @@ def markdown(res: dict) -> str:
     missed = [k for k, v in res["targets"].items() if not v["met"]]
     lines.append(f"Targets met: {len(res['targets']) - len(missed)} of {len(res['targets'])}"
                  + (f"; missed: {', '.join(missed)}." if missed else "."))
+    lines += provenance_lines(res)
     return "\n".join(lines)
