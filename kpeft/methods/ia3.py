@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from kpeft.backbones.anatomy import Layer, Projection
+from kpeft.backbones.anatomy import Layer, Projection, linear_projection
 from kpeft.methods.base import Component, WeightComponent, attach_weight_component
 from kpeft.methods.registry import BuildContext, ComponentConfig, register
 
@@ -90,7 +90,7 @@ def ffn_out_projection(layer: Layer) -> Projection:
             parent_name, _, attr = name.rpartition(".")
             parent = layer.block.get_submodule(parent_name)
             if isinstance(module, nn.Linear):
-                return Projection(parent, attr, "linear", module.in_features, module.out_features)
+                return linear_projection(parent, attr)
             d_in, d_out = module.weight.shape  # transformers' Conv1D stores W as (d_in, d_out)
             return Projection(parent, attr, "conv1d", d_in, d_out)
     raise ValueError(f"layer {layer.index}: the FFN's output projection is not a module of the block")

@@ -97,13 +97,9 @@ class InducerLoRASize:
 
 @budget_sizes("mam_inducer")
 @dataclass
-class MAMInducerSize:
-    """MAM inducer-tuning ([IT] Table 5): inducer + LoRA on W_q + FFN adapter."""
+class MAMInducerSize(InducerLoRASize):
+    """MAM inducer-tuning ([IT] Table 5): inducer + LoRA on W_q (the fields above) + FFN adapter."""
 
-    r_k: int = MISSING
-    r_v: int = MISSING
-    lora_r: int = MISSING
-    lora_bias: str = "auto"
     bottleneck: int = MISSING
     scale: float = 1.0
     layernorm: bool = False  # the FFN adapter's own LN (the code trains it: 1.62%; paper 1.61% without)

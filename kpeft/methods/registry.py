@@ -40,6 +40,7 @@ class BuildContext:
 
 LAYERNORM = "train_layernorm"  # the entry of method.train_layernorm in AdaptedModel.components
 
+
 @dataclass
 class ComponentConfig:
     """Fields every component schema has; ``kind`` selects the builder."""

@@ -61,7 +61,8 @@ def data_listing(data_dir: str | Path) -> list[tuple[str, int, int]]:
 def cache_key(task_cfg: DictConfig, tokenizer: Any, max_positions: int | None) -> str | None:
     """The key of a task's encoded splits, or None when they are not cached (hub data, no tokenizer)."""
     data_dir = task_cfg.get("data_dir")
-    if not data_dir or tokenizer is None or not Path(data_dir).expanduser().exists():
+    root = Path(data_dir).expanduser() if data_dir else None
+    if root is None or tokenizer is None or not root.exists():
         return None
     parts = {
         "format": FORMAT,
@@ -69,7 +70,7 @@ def cache_key(task_cfg: DictConfig, tokenizer: Any, max_positions: int | None) -
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_positions": max_positions,
         "code": task_code_hash(),
-        "data": data_listing(Path(data_dir).expanduser()),
+        "data": data_listing(root),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
